@@ -1,0 +1,108 @@
+"""Model configuration: a frozen dataclass with the paper's Table 2 presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+# Table 2 of arXiv 2305.13048: name -> (n_layer, n_embd). Vocabulary 50277 (GPT-NeoX).
+PILE_VOCAB = 50277
+_PAPER_SIZES = {
+    "169m": (12, 768),
+    "430m": (24, 1024),
+    "1.5b": (24, 2048),
+    "3b": (32, 2560),
+    "7b": (32, 4096),
+    "14b": (40, 5120),
+}
+_DTYPES = ("float32", "bfloat16", "float16")
+WKV_IMPLEMENTATIONS = (None, "scan", "associative_scan", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class RWKVConfig:
+  """RWKV-4 hyper-parameters.
+
+  Attributes:
+    n_layer: number of residual blocks L.
+    n_embd: model width D (also the WKV channel count).
+    vocab_size: V, the embedding and head size.
+    ctx_len: training context length T (the model itself has no length limit).
+    dim_ffn: channel-mix hidden size; ``None`` means 4 * n_embd (the paper's d = 4s).
+    dtype: compute dtype of the matmuls ("float32" or "bfloat16"); parameters,
+      LayerNorm, WKV and the recurrent state are always float32.
+    layer_norm_eps: LayerNorm epsilon (1e-5 as in the reference implementation).
+    wkv_impl: WKV path for parallel mode, see ``rwkv_jax.ops.wkv``; ``None`` picks by
+      platform.
+  """
+
+  n_layer: int = 4
+  n_embd: int = 128
+  vocab_size: int = PILE_VOCAB
+  ctx_len: int = 1024
+  dim_ffn: int | None = None
+  dtype: str = "float32"
+  layer_norm_eps: float = 1e-5
+  wkv_impl: str | None = None
+
+  def __post_init__(self):
+    if self.dim_ffn is None:
+      object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
+    for name in ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_ffn"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"RWKVConfig.{name} must be a positive integer, got {value!r}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"RWKVConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+      raise ValueError(
+          f"RWKVConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+    if self.wkv_impl not in WKV_IMPLEMENTATIONS:
+      raise ValueError(
+          f"RWKVConfig.wkv_impl must be one of {WKV_IMPLEMENTATIONS}, got {self.wkv_impl!r}")
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "RWKVConfig":
+    """The paper's Table 2 sizes ("169m" ... "14b", vocab 50277) or "tiny" for tests."""
+    key = name.lower()
+    if key == "tiny":
+      base = dict(n_layer=2, n_embd=32, vocab_size=64, ctx_len=64)
+    elif key in _PAPER_SIZES:
+      n_layer, n_embd = _PAPER_SIZES[key]
+      base = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=PILE_VOCAB, ctx_len=1024)
+    else:
+      raise ValueError(
+          f"unknown RWKVConfig preset {name!r}; choose from {['tiny', *_PAPER_SIZES]}")
+    base.update(overrides)
+    return cls(**base)
+
+  @staticmethod
+  def preset_names() -> tuple[str, ...]:
+    return ("tiny", *_PAPER_SIZES)
+
+  def replace(self, **changes: Any) -> "RWKVConfig":
+    return dataclasses.replace(self, **changes)
+
+  def param_count(self) -> int:
+    """Parameters of the model: the paper's 2VD + 13D^2 L + D(11L + 4) at dim_ffn = 4D."""
+    d, l, v, f = self.n_embd, self.n_layer, self.vocab_size, self.dim_ffn
+    per_layer = 4 * d * d + 2 * d * f + d * d + 11 * d
+    return 2 * v * d + l * per_layer + 4 * d
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]) -> "RWKVConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+      raise ValueError(f"unknown RWKVConfig fields {sorted(unknown)}")
+    return cls(**data)
+
+  def shape_hash(self) -> str:
+    """A short hash of what fixes the parameter and state shapes (not dtype or ctx_len)."""
+    key = json.dumps([self.n_layer, self.n_embd, self.vocab_size, self.dim_ffn])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -1,0 +1,48 @@
+"""Small NNX building blocks: logically annotated parameters, Dense, LayerNorm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+  """A float32 parameter annotated with logical axis names (mapped to mesh axes by
+  ``rwkv_jax.sharding``). Eager sharding is off so a model can be built without a mesh."""
+  value = jnp.asarray(value, jnp.float32)
+  if value.ndim != len(axes):
+    raise ValueError(f"param of shape {value.shape} needs {value.ndim} axis names, got {axes}")
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def matmul(x, kernel, dtype):
+  """x (..., I) @ kernel (I, O) in the compute dtype, accumulated and returned in float32."""
+  return jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class Dense(nnx.Module):
+  """Bias-free linear layer; kernel (in, out) (PyTorch stores (out, in))."""
+
+  def __init__(self, kernel, axes: tuple[str, str], dtype):
+    self.kernel = param(kernel, axes)
+    self.dtype = dtype
+
+  def __call__(self, x):  # ... I -> ... O (float32)
+    return matmul(x, self.kernel[...], self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32; weight 1 and bias 0 at init."""
+
+  def __init__(self, dim: int, eps: float):
+    self.weight = param(jnp.ones((dim,)), ("norm",))
+    self.bias = param(jnp.zeros((dim,)), ("norm",))
+    self.eps = eps
+
+  def __call__(self, x):  # ... C -> ... C float32
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
