@@ -1,0 +1,1 @@
+"""Training: config, optimiser, pure train/eval steps, orbax checkpoints, the loop, CLI."""

@@ -1,0 +1,110 @@
+"""The pure training and evaluation steps.
+
+State is a ``TrainState`` pytree of arrays; the model's structure (``nnx.GraphDef``) and
+the optimizer are closed over, so ``train_step(state, batch) -> (state, metrics)`` is a
+pure function. It is jitted in exactly one place, ``compile_train_step``, where a mesh
+can later pass explicit shardings. A batch is ``(inputs, targets, mask)``, each (B, T):
+int32 inputs and targets, float32 mask (1 = a real target).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class TrainState(NamedTuple):
+  params: Any       # nnx.State of float32 parameters (the master weights)
+  opt_state: Any    # optax state (MultiSteps state when accumulating)
+  step: jax.Array   # int32 scalar: train_step calls so far (micro-steps); the data position
+  rng: jax.Array    # uint32 (2,) raw key, advanced every step (for stochastic layers)
+
+
+def init_state(model: nnx.Module, tx, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params = nnx.split(model, nnx.Param)
+  # The model may share one buffer between parameters (e.g. the zero-initialised W_k, W_v,
+  # W_r); donation needs each leaf to own its buffer.
+  params = jax.tree.map(jnp.copy, params)
+  rng = jax.random.key_data(jax.random.key(seed + 1))
+  state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), rng)
+  return graphdef, state
+
+
+def token_losses(graphdef, params, batch, *, implementation=None):
+  """Per-position cross entropy (B, T), logits (B, T, V) and mask (B, T)."""
+  inputs, targets, mask = batch
+  model = nnx.merge(graphdef, params)
+  logits = model(inputs, implementation=implementation)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return ce, logits, mask
+
+
+def loss_fn(params, graphdef, batch, z_loss: float, implementation=None):
+  """Masked mean cross entropy, plus z_loss * mean(logsumexp(logits)^2) (PaLM's auxiliary
+  loss that keeps the softmax normaliser near 1) when z_loss > 0."""
+  ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation)
+  count = jnp.maximum(mask.sum(), 1.0)
+  loss = (ce * mask).sum() / count
+  total = loss
+  if z_loss > 0:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    total = total + z_loss * (jnp.square(lse) * mask).sum() / count
+  correct = ((logits.argmax(-1) == batch[1]) * mask).sum()
+  return total, (loss, correct / count)
+
+
+def make_train_step(graphdef, tx, *, z_loss: float = 0.0, implementation=None):
+  """Builds the pure ``train_step(state, batch) -> (state, metrics)``."""
+
+  def train_step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (total, (loss, acc)), grads = grad_fn(state.params, graphdef, batch, z_loss,
+                                          implementation)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    metrics = {"loss": loss, "total_loss": total, "accuracy": acc,
+               "grad_norm": optax.global_norm(grads)}
+    return TrainState(params, opt_state, state.step + 1, rng), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, *, implementation=None):
+  """``eval_step(params, batch) -> {"loss_sum", "correct", "count"}`` (sums, not means, so
+  batches of any padding combine exactly)."""
+
+  def eval_step(params, batch):
+    ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation)
+    correct = (logits.argmax(-1) == batch[1]) * mask
+    return {"loss_sum": (ce * mask).sum(), "correct": correct.sum(), "count": mask.sum()}
+
+  return eval_step
+
+
+def compile_train_step(train_step, *, state_shardings=None, batch_shardings=None):
+  """The single place the train step is jitted: the state is donated; a mesh passes
+  ``state_shardings`` / ``batch_shardings`` (pytrees of shardings) here."""
+  if state_shardings is None and batch_shardings is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None))
+
+
+def compile_eval_step(eval_step, *, param_shardings=None, batch_shardings=None):
+  if param_shardings is None and batch_shardings is None:
+    return jax.jit(eval_step)
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))
+
+
+def place_batch(batch, shardings=None):
+  """The single place a host batch goes to the device(s)."""
+  arrays = tuple(jnp.asarray(x) for x in batch) if shardings is None else None
+  if shardings is None:
+    return arrays
+  return tuple(jax.device_put(x, s) for x, s in zip(batch, shardings))
