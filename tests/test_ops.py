@@ -38,6 +38,7 @@ def test_scan_state_is_the_represented_sums(rng):
 
 
 class TestAssociativeScan(WKVAgainstScan):
+  GRAD_TOL = 1e-5  # measured worst case ~1e-6 (w), ~4e-7 (u, k, v, state)
   wkv_fn = staticmethod(jax.jit(wkv_associative_scan))
 
 
