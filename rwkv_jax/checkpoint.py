@@ -1,0 +1,106 @@
+"""Load a model from anything ``rwkv-jax`` can read: a training output directory, an HF
+``RwkvForCausalLM`` directory, or a BlinkDL ``.pth`` file.
+
+A training output directory holds ``config.json`` ({"format": "rwkv-jax", "model": ...,
+"train": ...}) and orbax checkpoints under ``checkpoints/<step>``; the directory alone
+rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RUN_CONFIG = "config.json"
+FORMAT = "rwkv-jax"
+
+
+def write_run_config(out_dir, model_cfg, train_cfg) -> None:
+  """Writes ``out/config.json`` atomically (model config + train config)."""
+  path = Path(out_dir) / RUN_CONFIG
+  data = {"format": FORMAT, "model": model_cfg.to_dict(),
+          "train": None if train_cfg is None else train_cfg.to_dict()}
+  tmp = path.with_name(f".{RUN_CONFIG}.tmp{os.getpid()}")
+  tmp.write_text(json.dumps(data, indent=1) + "\n")
+  os.replace(tmp, path)
+
+
+def read_run_config(out_dir) -> tuple[Any, Any]:
+  """(RWKVConfig, TrainConfig or None) from ``out/config.json``."""
+  from rwkv_jax.config import RWKVConfig
+
+  path = Path(out_dir) / RUN_CONFIG
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: not an rwkv-jax training directory")
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if data.get("format") != FORMAT or "model" not in data:
+    raise ValueError(f"{path} is not an rwkv-jax run config (no format={FORMAT!r})")
+  train = None
+  if data.get("train") is not None:
+    from rwkv_jax.training.config import TrainConfig
+
+    train = TrainConfig.from_dict(data["train"])
+  return RWKVConfig.from_dict(data["model"]), train
+
+
+def _is_hf_dir(path: Path) -> bool:
+  cfg = path / "config.json"
+  if not cfg.is_file():
+    return False
+  try:
+    return json.loads(cfg.read_text()).get("model_type") == "rwkv"
+  except (json.JSONDecodeError, AttributeError):
+    return False
+
+
+def load_model(path, *, step: int | None = None):
+  """Returns ``(model, cfg)``.
+
+  ``path``: a training output dir (``step`` picks a checkpoint, default the latest), an HF
+  directory (config.json with model_type "rwkv") or a ``.pth`` / ``.safetensors`` file;
+  the last two go through ``rwkv_jax.interop.from_pretrained``.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"model path not found: {path}")
+  if path.is_file() or _is_hf_dir(path):
+    if step is not None:
+      raise ValueError("step= applies only to rwkv-jax training directories")
+    from rwkv_jax.interop import from_pretrained  # optional part, imported on use
+
+    loaded = from_pretrained(str(path))
+    if isinstance(loaded, tuple):
+      return loaded
+    return loaded, loaded.cfg
+  return _load_training_dir(path, step)
+
+
+def _load_training_dir(path: Path, step: int | None):
+  import jax
+  from flax import nnx
+
+  from rwkv_jax.model import RWKV
+  from rwkv_jax.training.checkpointing import Checkpointer
+
+  cfg, _ = read_run_config(path)
+  abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  ckpt = Checkpointer(path)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{path} holds no checkpoints (under {ckpt.directory})")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f"{path} has no checkpoint of step {step}; it has {steps}")
+    restored, _ = ckpt.restore(step, {"params": abstract_params})
+  finally:
+    ckpt.close()
+  params = jax.tree.map(jax.numpy.asarray, restored["params"])
+  return nnx.merge(graphdef, params), cfg
