@@ -3,13 +3,14 @@
 Five float32 vectors per layer, stacked over layers: every field is (L, B, C).
 
   field     meaning                                       HF `state[j]` (B, C, L)   ChatRWKV v4
-  att_x     LN1 output of the last token (time-mix shift)   j = 0                  state[5l+1]
-  att_num   WKV numerator a'                                 j = 1                  state[5l+2]
-  att_den   WKV denominator b'                               j = 2                  state[5l+3]
-  att_max   WKV shared exponent p (-1e38 when empty)         j = 3                  state[5l+4]
-  ffn_x     LN2 output of the last token (chan-mix shift)    j = 4                  state[5l+0]
+  att_x     LN1 output of the last token (time-mix shift)   j = 1                  state[5l+1]
+  att_num   WKV numerator a'                                 j = 2                  state[5l+2]
+  att_den   WKV denominator b'                               j = 3                  state[5l+3]
+  att_max   WKV shared exponent p (-1e38 when empty)         j = 4                  state[5l+4]
+  ffn_x     LN2 output of the last token (chan-mix shift)    j = 0                  state[5l+0]
 
-So HF's ``state[j] == ours[j].transpose(1, 2, 0)`` (see ``to_hf_state``/``from_hf_state``).
+HF (``RwkvFeedForward`` reads ``state[0]``, ``RwkvSelfAttention`` ``state[1..4]``) keeps
+ChatRWKV's order with the layer axis last: see ``to_hf_state``/``from_hf_state``.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class RWKVState(NamedTuple):
     return cls(*(jnp.stack(xs) for xs in zip(*layers)))
 
   def to_hf_state(self) -> list[jax.Array]:
-    """HF transformers ``RwkvModel`` layout: a list of 5 arrays (B, C, L)."""
-    return [x.transpose(1, 2, 0) for x in self]
+    """HF transformers ``RwkvModel`` layout: [ffn_x, att_x, num, den, max], each (B, C, L)."""
+    return [x.transpose(1, 2, 0) for x in (self.ffn_x, *self[:4])]
 
   @classmethod
   def from_hf_state(cls, hf_state) -> "RWKVState":
     if len(hf_state) != 5:
       raise ValueError(f"an HF RWKV state is a list of 5 arrays, got {len(hf_state)}")
-    return cls(*(jnp.asarray(x, jnp.float32).transpose(2, 0, 1) for x in hf_state))
+    ffn_x, *att = (jnp.asarray(x, jnp.float32).transpose(2, 0, 1) for x in hf_state)
+    return cls(*att, ffn_x)
