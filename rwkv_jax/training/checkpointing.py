@@ -46,9 +46,11 @@ def _abstract(tree):
 class Checkpointer:
   """Saves and restores ``TrainState`` items under ``out_dir/checkpoints``."""
 
-  def __init__(self, out_dir: str | os.PathLike, max_to_keep: int = 3):
+  def __init__(self, out_dir: str | os.PathLike, max_to_keep: int = 3, *, create=True):
     self.directory = Path(out_dir).absolute() / CHECKPOINT_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    if not create and not self.directory.is_dir():
+      raise FileNotFoundError(f"{Path(out_dir)} holds no checkpoints (no {self.directory})")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

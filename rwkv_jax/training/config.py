@@ -1,0 +1,145 @@
+"""``TrainConfig``: every knob of a training run, validated, JSON round-trippable."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from rwkv_jax.config import WKV_IMPLEMENTATIONS, RWKVConfig
+from rwkv_jax.training.optim import SCHEDULES
+
+# The default model when neither --preset nor --n-layer/--n-embd is given: small enough
+# that the no-argument run (synthetic task) finishes in a few CPU minutes.
+DEFAULT_N_LAYER = 2
+DEFAULT_N_EMBD = 64
+
+# Fields that fix the trajectory of a run: resuming with any of them changed is an error.
+TRAJECTORY_FIELDS = (
+    "batch_size", "ctx_len", "lr", "warmup", "schedule", "final_lr_ratio", "weight_decay",
+    "b1", "b2", "eps", "clip", "grad_accum", "z_loss", "seed", "data", "tokenizer",
+    "val_fraction",
+)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """A training run. ``data=None`` trains on the built-in synthetic task.
+
+  Counting: ``steps`` optimizer updates, each of ``grad_accum`` micro-batches of
+  ``batch_size`` windows of ``ctx_len`` tokens. ``eval_every`` / ``save_every`` are in
+  optimizer steps; 0 means only at the end.
+  """
+
+  out: str | None = None
+  steps: int = 400
+  batch_size: int = 16
+  ctx_len: int = 256
+  preset: str | None = None
+  n_layer: int | None = None
+  n_embd: int | None = None
+  dtype: str = "float32"
+  wkv_impl: str | None = None
+  lr: float = 3e-3
+  final_lr_ratio: float = 0.1
+  warmup: int = 20
+  schedule: str = "cosine"
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip: float = 1.0
+  grad_accum: int = 1
+  z_loss: float = 0.0
+  data: str | None = None
+  tokenizer: str | None = None
+  val_fraction: float = 0.05
+  seed: int = 0
+  eval_every: int = 100
+  eval_size: int = 256
+  save_every: int = 100
+  max_to_keep: int = 3
+  resume: bool = False
+  init_from: str | None = None
+  tensorboard: bool = False
+  progress: bool = True
+  peak_tflops: float | None = None
+
+  def validate(self) -> "TrainConfig":
+    """Raises ValueError naming the first invalid field."""
+    def need(ok: bool, name: str, what: str):
+      if not ok:
+        raise ValueError(f"invalid {name}={getattr(self, name)!r}: {what}")
+
+    def is_int(v):
+      return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in ("steps", "batch_size", "ctx_len", "grad_accum", "eval_size", "max_to_keep"):
+      need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name,
+           "must be a positive integer")
+    for name in ("warmup", "eval_every", "save_every", "seed"):
+      need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name,
+           "must be a non-negative integer")
+    for name in ("n_layer", "n_embd"):
+      v = getattr(self, name)
+      need(v is None or (is_int(v) and v >= 1), name, "must be a positive integer")
+    need(self.warmup <= self.steps, "warmup", f"must be <= steps ({self.steps})")
+
+    def finite(v):
+      return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    need(finite(self.lr) and self.lr > 0, "lr", "must be a positive number")
+    need(finite(self.final_lr_ratio) and 0 <= self.final_lr_ratio <= 1, "final_lr_ratio",
+         "must be in [0, 1]")
+    need(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(finite(self.b1) and 0 <= self.b1 < 1, "b1", "must be in [0, 1)")
+    need(finite(self.b2) and 0 <= self.b2 < 1, "b2", "must be in [0, 1)")
+    need(finite(self.eps) and self.eps > 0, "eps", "must be > 0")
+    need(finite(self.clip) and self.clip >= 0, "clip", "must be >= 0 (0 disables clipping)")
+    need(finite(self.z_loss) and self.z_loss >= 0, "z_loss", "must be >= 0")
+    need(finite(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
+         "must be in (0, 1)")
+    need(self.peak_tflops is None or (finite(self.peak_tflops) and self.peak_tflops > 0),
+         "peak_tflops", "must be a positive number")
+    need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+    need(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+         "must be float32, bfloat16 or float16")
+    need(self.wkv_impl in WKV_IMPLEMENTATIONS, "wkv_impl",
+         f"must be one of {WKV_IMPLEMENTATIONS[1:]}")
+    need(self.preset is None or self.preset.lower() in RWKVConfig.preset_names(), "preset",
+         f"must be one of {RWKVConfig.preset_names()}")
+    need(not self.resume or self.out is not None, "resume", "needs --out DIR")
+    if self.data is None and self.tokenizer is not None:
+      raise ValueError("--tokenizer needs --data (the synthetic task has its own vocabulary)")
+    return self
+
+  def model_config(self, vocab_size: int) -> RWKVConfig:
+    """The RWKVConfig of a fresh model: the preset (its vocabulary replaced by the data's)
+    or DEFAULT_N_LAYER x DEFAULT_N_EMBD, overridden by n_layer / n_embd."""
+    overrides = dict(vocab_size=vocab_size, ctx_len=self.ctx_len, dtype=self.dtype,
+                     wkv_impl=self.wkv_impl)
+    if self.n_layer is not None:
+      overrides["n_layer"] = self.n_layer
+    if self.n_embd is not None:
+      overrides["n_embd"] = self.n_embd
+    if self.preset is not None:
+      return RWKVConfig.preset(self.preset, **overrides)
+    overrides.setdefault("n_layer", DEFAULT_N_LAYER)
+    overrides.setdefault("n_embd", DEFAULT_N_EMBD)
+    return RWKVConfig(**overrides)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+      raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+    return cls(**data)
+
+  def incompatibilities(self, saved: "TrainConfig") -> list[str]:
+    """The trajectory fields where self differs from a saved run's config."""
+    return [f"{name}: saved {getattr(saved, name)!r}, now {getattr(self, name)!r}"
+            for name in TRAJECTORY_FIELDS if getattr(saved, name) != getattr(self, name)]

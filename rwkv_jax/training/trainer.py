@@ -1,0 +1,310 @@
+"""The training loop: ``run_training(TrainConfig) -> summary dict``.
+
+One process, one device for now: the step is jitted in ``step.compile_train_step`` and
+batches are placed in ``step.place_batch`` (the two places a mesh plugs in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwkv_jax.checkpoint import load_model, read_run_config, write_run_config
+from rwkv_jax.data.synthetic import SyntheticTask
+from rwkv_jax.model import RWKV
+from rwkv_jax.training import metrics as M
+from rwkv_jax.training.checkpointing import Checkpointer
+from rwkv_jax.training.config import TrainConfig
+from rwkv_jax.training.optim import make_optimizer
+from rwkv_jax.training.step import (TrainState, compile_eval_step, compile_train_step,
+                                    init_state, make_eval_step, make_train_step,
+                                    place_batch)
+
+DEVICES_USED = 1  # the single-device path; a mesh would count its devices here
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf; nothing of that step was saved."""
+
+
+class SyntheticData:
+  """The synthetic task behind the same interface as ``TextData``."""
+
+  vocab_size = 64
+
+  def __init__(self, seed: int, ctx_len: int):
+    self.task = SyntheticTask(seed, vocab_size=self.vocab_size)
+    self.ctx_len = ctx_len
+    self.fingerprint = f"synthetic-{seed}"
+
+  def batch(self, step: int, batch_size: int):
+    return self.task.batch(step, batch_size, self.ctx_len)
+
+  def eval_batches(self, batch_size: int, max_windows: int):
+    n = max(max_windows // batch_size, 1) * batch_size
+    inputs, targets, mask = self.task.test_set(n, self.ctx_len)
+    for i in range(0, n, batch_size):
+      yield inputs[i:i + batch_size], targets[i:i + batch_size], mask[i:i + batch_size]
+
+  def describe(self) -> str:
+    return (f"synthetic task (seed {self.task.seed}): vocab 64, sequences "
+            f"{self.task.min_len}..{self.task.max_len} tokens, held-out test motifs")
+
+  def summarize(self, loss_sum: float, correct: float, count: float) -> dict[str, float]:
+    return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+class _StopOnSignal:
+  """SIGINT / SIGTERM set a flag; the loop saves a checkpoint and stops after the current
+  step. A second signal restores the default handler and interrupts at once."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      self.__exit__()
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with the caller
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+
+
+def _absolute(path):
+  return None if path is None else str(Path(path).expanduser().absolute())
+
+
+def _build_data(cfg: TrainConfig, vocab_size: int | None):
+  if cfg.data is None:
+    data = SyntheticData(cfg.seed, cfg.ctx_len)
+    if vocab_size is not None and vocab_size < data.vocab_size:
+      raise ValueError(f"the synthetic task has token ids up to 63, beyond the model's "
+                       f"vocabulary size {vocab_size}")
+    return data
+  from rwkv_jax.data.text import TextData
+  from rwkv_jax.tokenizers import load_tokenizer
+
+  tok = load_tokenizer(cfg.tokenizer)
+  return TextData(cfg.data, tok, cfg.ctx_len, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                  vocab_size=vocab_size or tok.vocab_size)
+
+
+def _initial_model(cfg: TrainConfig, data_vocab: int | None):
+  """A fresh model, or the --init-from weights rebuilt under this run's dtype/ctx_len."""
+  if cfg.init_from is None:
+    return RWKV(cfg.model_config(data_vocab), rngs=nnx.Rngs(cfg.seed))
+  if cfg.preset or cfg.n_layer or cfg.n_embd:
+    raise ValueError("--init-from fixes the model shape; drop --preset/--n-layer/--n-embd")
+  loaded, loaded_cfg = load_model(cfg.init_from)
+  model_cfg = loaded_cfg.replace(ctx_len=cfg.ctx_len, dtype=cfg.dtype, wkv_impl=cfg.wkv_impl)
+  model = nnx.eval_shape(lambda: RWKV(model_cfg, rngs=nnx.Rngs(0)))
+  nnx.update(model, nnx.state(loaded, nnx.Param))
+  return model
+
+
+def _evaluate(eval_step, params, data, cfg: TrainConfig) -> dict[str, float]:
+  sums = np.zeros(3)
+  for batch in data.eval_batches(cfg.batch_size, cfg.eval_size):
+    out = jax.device_get(eval_step(params, place_batch(batch)))
+    sums += [float(out["loss_sum"]), float(out["correct"]), float(out["count"])]
+  return data.summarize(*sums)
+
+
+def _prepare_out(cfg: TrainConfig) -> Path:
+  out = Path(cfg.out or time.strftime("runs/train-%Y%m%d-%H%M%S"))
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+  """Trains per ``cfg`` and returns a summary dict (also written to OUT/summary.json).
+
+  Raises ValueError / FileNotFoundError for bad input, CheckpointError for a checkpoint
+  that cannot be restored, TrainingDiverged when the loss turns NaN/Inf.
+  """
+  cfg = dataclasses.replace(cfg, data=_absolute(cfg.data), init_from=_absolute(cfg.init_from),
+                            tokenizer=cfg.tokenizer if cfg.tokenizer in (None, "bytes")
+                            else _absolute(cfg.tokenizer)).validate()
+  out = _prepare_out(cfg)
+  cfg.out = str(out)
+  ckpt = Checkpointer(out, cfg.max_to_keep)
+  try:
+    return _run(cfg, out, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
+  wall0 = time.perf_counter()
+  latest = ckpt.latest_step()
+  if latest is not None and not cfg.resume:
+    raise FileExistsError(f"{out} already holds checkpoints (latest step {latest}): pass "
+                          f"--resume to continue, or choose another --out")
+  resuming = latest is not None
+  if resuming:
+    model_cfg, saved = read_run_config(out)
+    diffs = [] if saved is None else cfg.incompatibilities(saved)
+    if diffs:
+      raise ValueError(f"cannot resume {out}: the config differs from the saved run in "
+                       + "; ".join(diffs))
+    if cfg.steps < latest:
+      raise ValueError(f"cannot resume {out} to --steps {cfg.steps}: it is already at "
+                       f"step {latest}")
+    if saved is not None and saved.steps != cfg.steps and cfg.schedule != "constant":
+      print(f"note: --steps changed from {saved.steps} to {cfg.steps}; the {cfg.schedule} "
+            f"schedule is stretched from here on, so the run is not the same as either")
+    model_cfg = model_cfg.replace(dtype=cfg.dtype, wkv_impl=cfg.wkv_impl)
+    data = _build_data(cfg, model_cfg.vocab_size)
+    model = nnx.eval_shape(lambda: RWKV(model_cfg, rngs=nnx.Rngs(0)))
+  elif cfg.init_from is not None:
+    model = _initial_model(cfg, None)
+    data = _build_data(cfg, model.cfg.vocab_size)
+  else:
+    data = _build_data(cfg, None)
+    model = _initial_model(cfg, data.vocab_size)
+  model_cfg = model.cfg
+  tx, schedule = make_optimizer(
+      lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
+      final_lr_ratio=cfg.final_lr_ratio, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
+      eps=cfg.eps, clip=cfg.clip, grad_accum=cfg.grad_accum)
+  if resuming:
+    graphdef, abstract = nnx.split(model, nnx.Param)
+    template = jax.eval_shape(lambda p: init_state_from_params(p, tx), abstract)
+    restored, meta = ckpt.restore(latest, Checkpointer.items_of(template))
+    state = TrainState(restored["params"], restored["opt_state"],
+                       restored["train"]["step"], restored["train"]["rng"])
+    if meta.get("data_fingerprint") != data.fingerprint:
+      raise ValueError(f"cannot resume {out}: the data changed since the checkpoint "
+                       f"(fingerprint {meta.get('data_fingerprint')} -> {data.fingerprint})")
+    start = latest
+  else:
+    graphdef, state = init_state(model, tx, cfg.seed)
+    start = 0
+  write_run_config(out, model_cfg, cfg)
+  del model
+  return _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
+               resuming, wall0)
+
+
+def init_state_from_params(params, tx) -> TrainState:
+  rng = jax.random.key_data(jax.random.key(0))
+  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), rng)
+
+
+def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start, resuming,
+          wall0) -> dict[str, Any]:
+  from tqdm.auto import tqdm
+
+  train_step = compile_train_step(make_train_step(graphdef, tx, z_loss=cfg.z_loss))
+  eval_step = compile_eval_step(make_eval_step(graphdef))
+  log = M.MetricsLog(out, resume_step=start if resuming else None, tensorboard=cfg.tensorboard)
+  tokens_per_step = cfg.batch_size * cfg.ctx_len * cfg.grad_accum
+  flops_per_token = M.train_flops_per_token(model_cfg)
+  peak = M.peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, cfg.peak_tflops)
+  print(f"rwkv-jax train: {model_cfg.n_layer} layers x {model_cfg.n_embd}, "
+        f"{model_cfg.param_count():,} parameters, {model_cfg.dtype}; {data.describe()}")
+  print(f"  out: {out}  ({'resuming from step ' + str(start) if resuming else 'new run'})")
+
+  def save(step, loss):
+    ckpt.save(step, state, {"step": step, "data_position": step * cfg.grad_accum,
+                            "data_fingerprint": data.fingerprint, "loss": loss})
+
+  rates, eval_metrics, saved_step = [], None, (start if resuming else None)
+  last = {"loss": float("nan"), "accuracy": float("nan")}
+  interrupted = None
+  bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
+             dynamic_ncols=True)
+  with _StopOnSignal() as stop:
+    for step in range(start + 1, cfg.steps + 1):
+      t0 = time.perf_counter()
+      micro = []
+      for i in range(cfg.grad_accum):
+        position = (step - 1) * cfg.grad_accum + i
+        state, m = train_step(state, place_batch(data.batch(position, cfg.batch_size)))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        micro.append(m)
+        if not (math.isfinite(m["total_loss"]) and math.isfinite(m["grad_norm"])):
+          log.write({"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"]})
+          log.close()
+          bar.close()
+          kept = (f"the last good checkpoint, step {saved_step}, is intact in {ckpt.directory}"
+                  if saved_step is not None else "no checkpoint had been saved")
+          raise TrainingDiverged(
+              f"training stopped: loss {m['loss']} / grad norm {m['grad_norm']} at step "
+              f"{step} (micro-batch {i}); nothing of this step was saved; {kept}")
+      dt = time.perf_counter() - t0
+      first = step == start + 1
+      rate = tokens_per_step / dt
+      if not first:
+        rates.append(rate)
+      last = {k: sum(x[k] for x in micro) / len(micro) for k in micro[0]}
+      record = {"step": step, "loss": last["loss"], "accuracy": last["accuracy"],
+                "lr": float(schedule(step - 1)), "grad_norm": last["grad_norm"],
+                "tokens_per_s": rate,
+                "mfu": None if peak is None else rate * flops_per_token / (peak * DEVICES_USED),
+                "step_time_s": dt}
+      if cfg.z_loss > 0:
+        record["total_loss"] = last["total_loss"]
+      if first:
+        record["includes_compile"] = True
+      log.write(record)
+      bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
+                      refresh=False)
+      bar.update(1)
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        eval_metrics = _evaluate(eval_step, state.params, data, cfg)
+        log.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+        bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}"
+                                                    for k, v in eval_metrics.items()))
+      if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.signum:
+        save(step, last["loss"])
+        saved_step = step
+      if stop.signum:
+        interrupted = signal.Signals(stop.signum).name
+        bar.write(f"{interrupted}: saved step {step} to {ckpt.directory}; continue with "
+                  f"--resume --out {out}")
+        break
+  bar.close()
+  final = None
+  if interrupted is None:
+    final = _evaluate(eval_step, state.params, data, cfg)
+    log.write({"step": cfg.steps, **{f"eval_{k}": v for k, v in final.items()}})
+  log.close()
+  M.plot_loss_curve(out, title=f"rwkv-jax {model_cfg.n_layer}x{model_cfg.n_embd}")
+  tps = statistics.median(rates) if rates else None
+  summary = {
+      "out": str(out), "steps": saved_step, "interrupted": interrupted,
+      "params": model_cfg.param_count(), "train_loss": last["loss"],
+      "train_accuracy": last["accuracy"], "final_eval": final,
+      "tokens_per_s": tps, "peak_flops": peak, "flops_per_token": flops_per_token,
+      "mfu": None if (peak is None or tps is None) else tps * flops_per_token / peak,
+      "device": jax.devices()[0].device_kind, "wall_s": time.perf_counter() - wall0,
+  }
+  tmp = out / ".summary.json.tmp"
+  tmp.write_text(json.dumps(summary, indent=1) + "\n")
+  os.replace(tmp, out / "summary.json")
+  return summary
