@@ -1,0 +1,158 @@
+"""The jitted device programs behind generation: ragged parallel prefill and the decode scan.
+
+Both take the model as ``(graphdef, params)`` (``nnx.split``) so ``jax.jit`` caches one
+executable per (graphdef, shapes, static options): a second call with the same shapes, or
+a second model of the same architecture, does not recompile.
+
+Ragged prefill. Prompts of different lengths are right-padded to a power of two Tb, and
+each sequence consumes its own length n_b as the binary expansion of n_b: for
+j = log2(Tb) .. 0, every sequence whose bit j is set advances by the next 2^j of its own
+tokens in one parallel forward (the others keep their state, selected with ``where``).
+Padding never enters a state, and a sequence's state is the composition of parallel
+forwards over consecutive pieces of its own prompt, which equals one forward over the whole
+prompt (state carry is exact up to float rounding). Work is at most 2x one pass over Tb;
+levels no sequence needs are skipped by ``lax.cond``. Pieces longer than ``chunk`` run as a
+``lax.scan`` over chunks, which bounds activation memory for very long prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rwkv_jax.inference.sampling import SamplingConfig, sample
+from rwkv_jax.state import RWKVState
+
+
+class DecodeCarry(NamedTuple):
+  """What the decode loop carries from one token to the next (B = batch, V = vocab)."""
+
+  state: RWKVState     # L B C, after every consumed token
+  logits: jax.Array    # B V float32, the next-token logits
+  done: jax.Array      # B bool, hit a stop token or the token limit
+  counts: jax.Array | None  # B V int32 generated-token counts (only with penalties)
+  step: jax.Array      # () int32, tokens decoded so far (keys are folded in by step)
+
+
+def _select(mask, new, old):
+  """Per-sequence choice between two states; mask (B,) bool, fields (L, B, C)."""
+  return jax.tree.map(lambda n, o: jnp.where(mask[None, :, None], n, o), new, old)
+
+
+def _hidden_with_state(model, tokens, state: RWKVState, implementation):
+  """``model.forward_with_state`` without the head: (x (B, T, C) before ln_out, state).
+
+  The head is applied only where logits are needed (the last prompt token), since the full
+  (B, T, V) logits of a long prompt would dominate prefill time and memory (XLA does not
+  narrow the head matmul to the sliced position).
+  """
+  x = model.embed(tokens)
+  impl = "scan" if tokens.shape[1] == 1 else (implementation or model.cfg.wkv_impl)
+  layers = []
+  for i, block in enumerate(model.blocks):
+    x, s = block(x, state.layer(i), impl)
+    layers.append(s)
+  return x, RWKVState.stack(layers)
+
+
+def _advance(model, tokens, state, implementation, chunk):
+  """Consumes tokens (B, n) -> (hidden of the last token (B, C), state); n > chunk is
+  processed as n / chunk consecutive parallel pieces (n and chunk are powers of two)."""
+  n = tokens.shape[1]
+  if n <= chunk:
+    x, state = _hidden_with_state(model, tokens, state, implementation)
+    return x[:, -1], state
+  pieces = tokens.reshape(tokens.shape[0], n // chunk, chunk).swapaxes(0, 1)  # P B chunk
+
+  def body(s, piece):
+    x, s = _hidden_with_state(model, piece, s, implementation)
+    return s, x[:, -1]
+
+  state, last = jax.lax.scan(body, state, pieces)
+  return last[-1], state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "chunk"))
+def prefill_program(graphdef, params, tokens, lengths, state, *, implementation, chunk):
+  """tokens (B, Tb) right-padded, Tb a power of two; lengths (B,) in [1, Tb].
+
+  Returns (next-token logits (B, V) float32 at each sequence's last prompt token, state).
+  """
+  model = nnx.merge(graphdef, params)
+  batch, t_pad = tokens.shape
+  pos = jnp.zeros((batch,), jnp.int32)
+  last_x = jnp.zeros((batch, model.cfg.n_embd), jnp.float32)
+  for j in reversed(range(t_pad.bit_length())):
+    size = 1 << j
+    take = ((lengths >> j) & 1).astype(bool)
+
+    def run(operands, size=size, take=take):
+      state, last_x, pos = operands
+      idx = jnp.minimum(pos[:, None] + jnp.arange(size, dtype=jnp.int32), t_pad - 1)
+      piece = jnp.take_along_axis(tokens, idx, axis=1)
+      x, new = _advance(model, piece, state, implementation, chunk)
+      return _select(take, new, state), jnp.where(take[:, None], x, last_x)
+
+    state, last_x = jax.lax.cond(jnp.any(take), run, lambda ops: ops[:2], (state, last_x, pos))
+    pos = pos + take.astype(jnp.int32) * size
+  return model.logits(last_x[:, None])[:, 0], state
+
+
+def cast_matmul_weights(params, dtype: str):
+  """Dense kernels and the head in the compute dtype (bf16 halves what each decode step
+  reads). The math is unchanged: ``layers.matmul`` casts them to this dtype anyway; the
+  embedding, LayerNorms, mixes and decays stay float32."""
+  if dtype == "float32":
+    return params
+
+  def cast(path, x):
+    names = {getattr(p, "key", None) for p in path}
+    return x.astype(dtype) if x.ndim == 2 and names & {"kernel", "head"} else x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def stop_array(stop_tokens) -> jax.Array:
+  """Stop ids padded with -1 (never a token) to a power-of-two length >= 1, so the number
+  of stop tokens rarely changes the compiled shape."""
+  n = 1 << max(len(stop_tokens) - 1, 0).bit_length()
+  return jnp.asarray(list(stop_tokens) + [-1] * (n - len(stop_tokens)), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "unroll"))
+def decode_program(graphdef, params, carry: DecodeCarry, key, limit, stops, pad_id, *, steps,
+                   sampling: SamplingConfig, unroll: int = 1):
+  """``steps`` tokens in one ``lax.scan``: sample, then feed the token back.
+
+  A sequence is active until it emits one of ``stops`` (which is emitted and consumed) or
+  the step count reaches ``limit``. limit, stops and pad_id are traced, so one executable
+  serves them all. Inactive sequences emit ``pad_id`` and keep their state and logits.
+  Returns (carry, tokens (B, steps) int32, active (B, steps) bool).
+  """
+  dtype = nnx.merge(graphdef, params).cfg.dtype
+  model = nnx.merge(graphdef, cast_matmul_weights(params, dtype))
+
+  def body(c: DecodeCarry, _):
+    active = ~c.done & (c.step < limit)
+    tok = sample(c.logits, jax.random.fold_in(key, c.step), sampling, c.counts)
+    feed = jnp.where(active, tok, 0)  # a valid id for rows whose result is discarded
+    logits, state = model.forward_with_state(feed[:, None], c.state)
+    counts = c.counts
+    if counts is not None:
+      counts = counts.at[jnp.arange(feed.shape[0]), feed].add(active.astype(counts.dtype))
+    stopped = jnp.any(tok[:, None] == stops[None, :], axis=1)
+    new = DecodeCarry(
+        state=_select(active, state, c.state),
+        logits=jnp.where(active[:, None], logits[:, 0], c.logits),
+        done=c.done | (active & stopped) | (c.step + 1 >= limit),
+        counts=counts,
+        step=c.step + 1)
+    return new, (jnp.where(active, tok, pad_id), active)
+
+  carry, (tokens, active) = jax.lax.scan(body, carry, None, length=steps, unroll=unroll)
+  return carry, tokens.T, active.T
+

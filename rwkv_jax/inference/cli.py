@@ -1,0 +1,145 @@
+"""``rwkv-jax generate`` and ``rwkv-jax chat``: streaming text generation from a checkpoint.
+
+JAX and the model code are imported inside the handlers so ``rwkv-jax --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+CHAT_TEMPLATE = "User: {message}\n\nAssistant:"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True,
+                 help="a training output dir, an HF model dir or a BlinkDL .pth")
+  p.add_argument("--tokenizer", default=None,
+                 help="'bytes' or a tokenizer.json (default: the checkpoint's, else bytes)")
+  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=0.85)
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--presence-penalty", type=float, default=0.0)
+  p.add_argument("--frequency-penalty", type=float, default=0.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stop-token", type=int, action="append", default=None,
+                 help="token id that ends a reply (repeatable; default: the tokenizer's "
+                      "end-of-text id)")
+  p.add_argument("--chunk-size", type=int, default=16, help="decode steps per device call")
+
+
+def register(subparsers) -> None:
+  g = subparsers.add_parser("generate", help="stream a continuation of a prompt",
+                            description="Generate text after --prompt, streamed as decoded.")
+  _add_common(g)
+  g.add_argument("--prompt", required=True)
+  g.set_defaults(func=run_generate)
+  c = subparsers.add_parser(
+      "chat", help="interactive chat that keeps the state between turns",
+      description="Reads one message per line from stdin (EOF or /exit ends); each turn "
+                  f"is formatted as {CHAT_TEMPLATE!r}.")
+  _add_common(c)
+  c.set_defaults(func=run_chat)
+
+
+class IncrementalDecoder:
+  """Turns a growing token list into text pieces; holds back a trailing U+FFFD, which is
+  usually a multi-byte character whose remaining bytes have not been generated yet."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.ids: list[int] = []
+    self.emitted = 0
+
+  def push(self, token: int) -> str:
+    self.ids.append(int(token))
+    text = self.tokenizer.decode(self.ids)
+    stable = len(text.rstrip("\ufffd"))
+    piece, self.emitted = text[self.emitted:stable], max(self.emitted, stable)
+    return piece
+
+  def flush(self) -> str:
+    text = self.tokenizer.decode(self.ids)
+    piece, self.emitted = text[self.emitted:], len(text)
+    return piece
+
+
+def _load(args):
+  """(model, tokenizer, SamplingConfig, stop tokens) from the command-line arguments."""
+  from rwkv_jax.checkpoint import load_model
+  from rwkv_jax.inference.sampling import SamplingConfig
+  from rwkv_jax.tokenizers import load_tokenizer
+
+  model, cfg = load_model(args.checkpoint)
+  spec = args.tokenizer if args.tokenizer is not None else _checkpoint_tokenizer(args.checkpoint)
+  tokenizer = load_tokenizer(spec)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                     f"{cfg.vocab_size}: pass the model's tokenizer with --tokenizer")
+  sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty)
+  if args.stop_token is not None:
+    stops = tuple(args.stop_token)
+  else:
+    stops = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
+  return model, tokenizer, sampling, stops
+
+
+def _checkpoint_tokenizer(path):
+  """The tokenizer a checkpoint records, or None (bytes)."""
+  from rwkv_jax import checkpoint
+
+  finder = getattr(checkpoint, "tokenizer_spec", None)
+  return finder(path) if finder is not None else None
+
+
+def _write(out, text: str) -> None:
+  if text:
+    out.write(text)
+    out.flush()
+
+
+def run_generate(args, out=None) -> int:
+  from rwkv_jax.inference.generate import stream
+
+  out = out or sys.stdout
+  model, tokenizer, sampling, stops = _load(args)
+  prompt = tokenizer.encode(args.prompt)
+  if not prompt:
+    raise ValueError("--prompt encodes to no tokens")
+  decoder = IncrementalDecoder(tokenizer)
+  _write(out, args.prompt)
+  for token in stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      key=args.seed, stop_tokens=stops, chunk_size=args.chunk_size):
+    _write(out, decoder.push(token))
+  _write(out, decoder.flush() + "\n")
+  return 0
+
+
+def run_chat(args, inp=None, out=None) -> int:
+  from rwkv_jax.inference.chat import ChatSession
+
+  inp, out = inp or sys.stdin, out or sys.stdout
+  model, tokenizer, sampling, stops = _load(args)
+  session = ChatSession(model, tokenizer, sampling=sampling, key=args.seed, stop_tokens=stops,
+                        chunk_size=args.chunk_size, max_conversations=1)
+  interactive, first = inp.isatty(), True
+  while True:
+    if interactive:
+      _write(out, "User: ")
+    line = inp.readline()
+    if not line or line.strip() == "/exit":
+      return 0
+    message = line.rstrip("\n")
+    if not message.strip():
+      continue
+    decoder = IncrementalDecoder(tokenizer)
+    _write(out, "Assistant:")
+    # Turns after the first start on a blank line, as the template's own turns are split.
+    text = ("" if first else "\n\n") + CHAT_TEMPLATE.format(message=message)
+    first = False
+    for token in session.stream(text, max_new_tokens=args.max_new_tokens):
+      _write(out, decoder.push(token))
+    _write(out, decoder.flush() + "\n")
