@@ -74,11 +74,14 @@ def column(state, b):
   return type(state)(*(x[:, b:b + 1] for x in state))
 
 
-@pytest.mark.parametrize("tokens_per_call", [1 << 16, 8])
-def test_prefill_equals_token_by_token(model, rng, tokens_per_call):
-  # tokens_per_call=8 at batch 4 runs the 8- and 4-token pieces as scans over 2 tokens.
+@pytest.mark.parametrize("min_parallel, tokens_per_call", [(1, 1 << 16), (4, 8), (16, 1 << 16)])
+def test_prefill_equals_token_by_token(model, rng, min_parallel, tokens_per_call):
+  # (1, ...): every bit of each length in parallel mode; (4, 8): the 8- and 4-token pieces
+  # as scans over 2-token parallel chunks (8 tokens per call at batch 4), the last
+  # length % 4 tokens recurrent; (16, ...), the default: prompts <= 8 fully recurrent.
   ps = prompts(rng)
-  logits, state = prefill(model, ps, tokens_per_call=tokens_per_call)
+  logits, state = prefill(model, ps, tokens_per_call=tokens_per_call,
+                          min_parallel=min_parallel)
   assert logits.shape == (4, 64) and state.att_x.shape == (2, 4, 32)
   for b, p in enumerate(ps):
     state_b = model.init_state(1)
@@ -277,3 +280,43 @@ def test_chat_session_cache_and_continuation(model, rng):
     chat.send("text", "x")
   with pytest.raises(ValueError, match="max_conversations"):
     ChatSession(model, max_conversations=0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_generate_and_chat_from_a_training_directory(tmp_path, capsys):
+  from rwkv_jax.checkpoint import write_run_config
+  from rwkv_jax.cli import build_parser, main
+  from rwkv_jax.inference.cli import CHAT_TEMPLATE, run_chat
+  from rwkv_jax.tokenizers import ByteTokenizer
+  from rwkv_jax.training.checkpointing import Checkpointer
+  from rwkv_jax.training.step import TrainState
+
+  # A training output directory as `rwkv-jax train` leaves it (config.json + orbax step).
+  model = random_model(RWKVConfig.preset("tiny", n_layer=1, n_embd=16, vocab_size=256), 7)
+  params = nnx.state(model, nnx.Param)
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, TrainState(params, {"mu": jnp.zeros(1)}, jnp.int32(1), jnp.zeros(2, jnp.uint32)),
+            {})
+  ckpt.close()
+  write_run_config(tmp_path, model.cfg, None)
+  tok = ByteTokenizer()
+
+  common = ["--checkpoint", str(tmp_path), "--max-new-tokens", "8", "--temperature", "0"]
+  assert main(["generate", *common, "--prompt", "hi"]) == 0
+  want = generate(model, tok.encode("hi"), max_new_tokens=8, sampling=GREEDY,
+                  stop_tokens=[tok.eot_id])
+  want_text = "hi" + tok.decode(list(want.tokens[0, :want.lengths[0]])) + "\n"
+  assert capsys.readouterr().out == want_text
+
+  args = build_parser().parse_args(["chat", *common])
+  out = io.StringIO()
+  assert run_chat(args, inp=io.StringIO("hello\n/exit\nnever read\n"), out=out) == 0
+  reply = ChatSession(model, tok, sampling=GREEDY).send(
+      CHAT_TEMPLATE.format(message="hello"), max_new_tokens=8)
+  assert out.getvalue() == "Assistant:" + tok.decode(reply) + "\n"
+  assert run_chat(args, inp=io.StringIO(""), out=io.StringIO()) == 0  # EOF ends it
+
+  assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+  assert "model path not found" in capsys.readouterr().err

@@ -34,13 +34,24 @@ def register(subparsers) -> None:
                             description="Generate text after --prompt, streamed as decoded.")
   _add_common(g)
   g.add_argument("--prompt", required=True)
-  g.set_defaults(func=run_generate)
+  g.set_defaults(func=_reporting_errors("generate", run_generate))
   c = subparsers.add_parser(
       "chat", help="interactive chat that keeps the state between turns",
       description="Reads one message per line from stdin (EOF or /exit ends); each turn "
                   f"is formatted as {CHAT_TEMPLATE!r}.")
   _add_common(c)
-  c.set_defaults(func=run_chat)
+  c.set_defaults(func=_reporting_errors("chat", run_chat))
+
+
+def _reporting_errors(name, fn):
+  """Bad input (a missing checkpoint, a wrong tokenizer, ...) -> one line and exit code 1."""
+  def run(args):
+    try:
+      return fn(args)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"rwkv-jax {name}: error: {e}", file=sys.stderr)
+      return 1
+  return run
 
 
 class IncrementalDecoder:
@@ -75,8 +86,10 @@ def _load(args):
   spec = args.tokenizer if args.tokenizer is not None else _checkpoint_tokenizer(args.checkpoint)
   tokenizer = load_tokenizer(spec)
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                     f"{cfg.vocab_size}: pass the model's tokenizer with --tokenizer")
+    raise ValueError(
+        f"the tokenizer ({type(tokenizer).__name__}) has {tokenizer.vocab_size} ids but the "
+        f"model only {cfg.vocab_size} (a model trained on the synthetic task has no text "
+        "tokenizer): pass the model's tokenizer with --tokenizer")
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty)
@@ -88,11 +101,23 @@ def _load(args):
 
 
 def _checkpoint_tokenizer(path):
-  """The tokenizer a checkpoint records, or None (bytes)."""
-  from rwkv_jax import checkpoint
+  """The tokenizer a checkpoint names: a training dir's ``train.tokenizer`` (None = bytes),
+  else a ``tokenizer.json`` beside the weights, else None (bytes)."""
+  from pathlib import Path
 
-  finder = getattr(checkpoint, "tokenizer_spec", None)
-  return finder(path) if finder is not None else None
+  from rwkv_jax.checkpoint import RUN_CONFIG, read_run_config
+
+  path = Path(path)
+  folder = path if path.is_dir() else path.parent
+  if path.is_dir() and (path / RUN_CONFIG).is_file():
+    try:
+      _, train = read_run_config(path)
+    except ValueError:  # an HF config.json, not ours
+      train = None
+    else:
+      return None if train is None else train.tokenizer
+  candidate = folder / "tokenizer.json"
+  return str(candidate) if candidate.is_file() else None
 
 
 def _write(out, text: str) -> None:

@@ -20,6 +20,7 @@ from rwkv_jax.inference.sampling import SamplingConfig
 from rwkv_jax.state import RWKVState
 
 PREFILL_TOKENS_PER_CALL = 1 << 16  # B * chunk tokens per parallel forward in prefill
+MIN_PARALLEL = 16  # prompt pieces shorter than this take the recurrent step
 
 
 class GenerateOutput(NamedTuple):
@@ -110,20 +111,24 @@ def _check_tokens_arg(ids, vocab_size: int, what: str) -> tuple[int, ...]:
   return ids
 
 
-def _prefill(model, seqs, state, implementation, tokens_per_call):
+def _prefill(model, seqs, state, implementation, tokens_per_call, min_parallel):
+  if isinstance(min_parallel, bool) or not isinstance(min_parallel, int) or min_parallel < 1 \
+      or min_parallel & (min_parallel - 1):
+    raise ValueError(f"min_parallel must be a power of two >= 1, got {min_parallel!r}")
   graphdef, params = nnx.split(model)
   tokens, lengths = pad_prompts(seqs)
   batch, t_pad = tokens.shape
   chunk = 1 << max(int(tokens_per_call) // batch, 1).bit_length() - 1
   state = _check_state(model, state, batch)
   logits, state = prefill_program(graphdef, params, tokens, lengths, state,
-                                  implementation=implementation, chunk=min(chunk, t_pad))
+                                  implementation=implementation, chunk=min(chunk, t_pad),
+                                  min_parallel=min_parallel)
   return graphdef, params, logits, state
 
 
 def prefill(model, prompts, state: RWKVState | None = None, *,
             implementation: str | None = None,
-            tokens_per_call: int = PREFILL_TOKENS_PER_CALL):
+            tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL):
   """Consumes prompts of any lengths in parallel mode.
 
   Args:
@@ -132,11 +137,14 @@ def prefill(model, prompts, state: RWKVState | None = None, *,
     state: the state to continue from, fields (L, B, C); None for an empty past.
     implementation: WKV path for the parallel pieces (None: the model's / platform's).
     tokens_per_call: at most about this many B * T tokens per parallel forward.
+    min_parallel: a power of two; each prompt's last (length mod min_parallel) tokens go
+      through the recurrent step instead of small parallel forwards (1: all parallel).
 
   Returns: (next-token logits (B, V) float32, the state after each prompt).
   """
   seqs, _ = as_batch(prompts, model.cfg.vocab_size)
-  _, _, logits, state = _prefill(model, seqs, state, implementation, tokens_per_call)
+  _, _, logits, state = _prefill(model, seqs, state, implementation, tokens_per_call,
+                                 min_parallel)
   return logits, state
 
 
@@ -150,7 +158,7 @@ class _Setup(NamedTuple):
 
 
 def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens, pad_id,
-           implementation, tokens_per_call) -> _Setup:
+           implementation, tokens_per_call, min_parallel) -> _Setup:
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -161,7 +169,7 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
   seqs, single = as_batch(prompts, vocab)
   stop_tokens = _check_tokens_arg(stop_tokens, vocab, "stop_tokens")
   graphdef, params, logits, state = _prefill(model, seqs, state, implementation,
-                                             tokens_per_call)
+                                             tokens_per_call, min_parallel)
   batch = len(seqs)
   counts = jnp.zeros((batch, vocab), jnp.int32) if sampling.uses_penalties else None
   carry = DecodeCarry(state, logits, jnp.zeros((batch,), bool), counts, jnp.int32(0))
@@ -172,7 +180,8 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
              key=None, state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
              pad_id: int = -1, implementation: str | None = None,
-             tokens_per_call: int = PREFILL_TOKENS_PER_CALL) -> GenerateOutput:
+             tokens_per_call: int = PREFILL_TOKENS_PER_CALL,
+             min_parallel: int = MIN_PARALLEL) -> GenerateOutput:
   """Generates ``max_new_tokens`` tokens after each prompt.
 
   Args:
@@ -187,10 +196,12 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
       into the state, later positions hold ``pad_id``.
     pad_id: what a finished sequence emits (-1 by default, never a real id).
     implementation: WKV path for the prefill (the decode always uses the recurrent step).
+    tokens_per_call, min_parallel: prefill options, see ``prefill``.
   """
   s = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
              state=state, stop_tokens=stop_tokens, pad_id=pad_id,
-             implementation=implementation, tokens_per_call=tokens_per_call)
+             implementation=implementation, tokens_per_call=tokens_per_call,
+             min_parallel=min_parallel)
   carry, tokens, active = decode_program(s.graphdef, s.params, s.carry, s.key,
                                          jnp.int32(max_new_tokens), steps=max_new_tokens,
                                          **s.options)
@@ -211,12 +222,13 @@ class TokenStream:
                sampling: SamplingConfig | None = None, key=None,
                state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
                pad_id: int = -1, chunk_size: int = 16, implementation: str | None = None,
-               tokens_per_call: int = PREFILL_TOKENS_PER_CALL):
+               tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     self._setup = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                          key=key, state=state, stop_tokens=stop_tokens, pad_id=pad_id,
-                         implementation=implementation, tokens_per_call=tokens_per_call)
+                         implementation=implementation, tokens_per_call=tokens_per_call,
+                         min_parallel=min_parallel)
     self._max_new = max_new_tokens
     self._chunk = min(chunk_size, max_new_tokens)
     self._started = False
