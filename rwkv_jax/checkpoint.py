@@ -90,7 +90,7 @@ def _load_training_dir(path: Path, step: int | None):
   cfg, _ = read_run_config(path)
   abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  ckpt = Checkpointer(path)
+  ckpt = Checkpointer(path, create=False)
   try:
     steps = ckpt.all_steps()
     if not steps:

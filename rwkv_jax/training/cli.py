@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--final-lr-ratio", type=float, default=d.final_lr_ratio,
                  help="final lr / peak lr (%(default)s)")
   g.add_argument("--warmup", type=int, default=d.warmup,
-                 help="linear warmup steps (%(default)s)")
+                 help="linear warmup steps (default min(20, steps / 10))")
   g.add_argument("--schedule", default=d.schedule,
                  choices=["cosine", "exponential", "constant"],
                  help="after warmup; exponential is the paper's (%(default)s)")

@@ -28,7 +28,7 @@ class TrainConfig:
 
   Counting: ``steps`` optimizer updates, each of ``grad_accum`` micro-batches of
   ``batch_size`` windows of ``ctx_len`` tokens. ``eval_every`` / ``save_every`` are in
-  optimizer steps; 0 means only at the end.
+  optimizer steps; 0 means only at the end. ``warmup=None`` means min(20, steps // 10).
   """
 
   out: str | None = None
@@ -42,7 +42,7 @@ class TrainConfig:
   wkv_impl: str | None = None
   lr: float = 3e-3
   final_lr_ratio: float = 0.1
-  warmup: int = 20
+  warmup: int | None = None
   schedule: str = "cosine"
   weight_decay: float = 0.01
   b1: float = 0.9
@@ -77,6 +77,8 @@ class TrainConfig:
     for name in ("steps", "batch_size", "ctx_len", "grad_accum", "eval_size", "max_to_keep"):
       need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name,
            "must be a positive integer")
+    if self.warmup is None:  # auto: 20 steps, or a tenth of a shorter run
+      self.warmup = min(20, self.steps // 10) if is_int(self.steps) else 0
     for name in ("warmup", "eval_every", "save_every", "seed"):
       need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name,
            "must be a non-negative integer")

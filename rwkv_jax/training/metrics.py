@@ -64,6 +64,9 @@ class MetricsLog:
     self._tb = _tensorboard_writer(Path(out_dir) / "tensorboard") if tensorboard else None
 
   def write(self, record: dict[str, Any]) -> None:
+    # NaN / Inf become strings ("nan"): strict JSON readers reject bare NaN.
+    record = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+              for k, v in record.items()}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -104,8 +107,10 @@ def plot_loss_curve(out_dir, title: str = "") -> Path | None:
   import matplotlib.pyplot as plt
 
   records = read_metrics(out_dir)
-  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  def series(key):
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+  train, evals = series("loss"), series("eval_loss")
   if not train and not evals:
     return None
   fig, ax = plt.subplots(figsize=(7, 4))
