@@ -20,6 +20,9 @@ _LAZY = {
     "load_state": "rwkv_jax.inference",
     "from_pretrained": "rwkv_jax.interop",
     "save_pretrained": "rwkv_jax.interop",
+    "load_model": "rwkv_jax.checkpoint",
+    "TrainConfig": "rwkv_jax.training.config",
+    "run_training": "rwkv_jax.training.trainer",
 }
 
 
