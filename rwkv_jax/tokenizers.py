@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from typing import Protocol
 
@@ -52,11 +53,95 @@ class HFTokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+class WorldTokenizer:
+  """The RWKV "World" vocabulary (``rwkv_vocab_v20230424.txt``), greedy longest match.
+
+  Each line is ``id repr(token) byte_length``; the repr is a Python str literal (stored as
+  its UTF-8 bytes) or a bytes literal, and may itself contain spaces. Encoding walks a
+  byte trie and always takes the longest vocabulary entry at the current position, as the
+  reference tokenizer does. Id 0 is not in the file: it is the end-of-text id and decodes
+  to nothing.
+  """
+
+  eot_id = 0
+
+  def __init__(self, path: str | os.PathLike):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"vocabulary file not found: {path}")
+    self._tokens: dict[int, bytes] = {}
+    self._trie: dict = {}  # byte -> child node; the key None holds the id ending there
+    with open(path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        if line.strip():
+          self._add(*self._parse(line.rstrip("\r\n"), path, number), path, number)
+    if not self._tokens:
+      raise ValueError(f"{path}: no tokens")
+    self.vocab_size = max(self._tokens) + 1
+
+  @staticmethod
+  def _parse(line: str, path, number: int) -> tuple[int, bytes]:
+    first, last = line.find(" "), line.rfind(" ")
+    try:
+      if first < 0 or last <= first:
+        raise ValueError("expected 'id repr(token) byte_length'")
+      idx, length = int(line[:first]), int(line[last + 1:])
+      token = ast.literal_eval(line[first + 1:last])
+      if isinstance(token, str):
+        token = token.encode("utf-8")
+      if not isinstance(token, bytes):
+        raise ValueError(f"token must be a str or bytes literal, got {type(token).__name__}")
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"{path}:{number}: cannot parse {line[:80]!r}: {e}") from None
+    if len(token) != length or not token:
+      raise ValueError(f"{path}:{number}: token {token!r} has {len(token)} bytes, the line "
+                       f"says {length}")
+    return idx, token
+
+  def _add(self, idx: int, token: bytes, path, number: int) -> None:
+    if idx < 1 or idx in self._tokens:
+      raise ValueError(f"{path}:{number}: id {idx} is {'repeated' if idx >= 1 else 'not >= 1'}")
+    node = self._trie
+    for byte in token:
+      node = node.setdefault(byte, {})
+    if None in node:
+      raise ValueError(f"{path}:{number}: token {token!r} repeats id {node[None]}")
+    node[None] = idx
+    self._tokens[idx] = token
+
+  def encode(self, text: str) -> list[int]:
+    data, ids, pos = text.encode("utf-8"), [], 0
+    while pos < len(data):
+      node, best, end = self._trie, None, pos
+      for i in range(pos, len(data)):
+        node = node.get(data[i])
+        if node is None:
+          break
+        if None in node:
+          best, end = node[None], i + 1
+      if best is None:
+        raise ValueError(f"world tokenizer: byte {data[pos]:#04x} at offset {pos} is not in "
+                         "the vocabulary")
+      ids.append(best)
+      pos = end
+    return ids
+
+  def decode(self, ids: list[int]) -> str:
+    bad = [i for i in ids if int(i) != self.eot_id and int(i) not in self._tokens]
+    if bad:
+      raise ValueError(f"world tokenizer: ids {bad[:5]} are not in the vocabulary")
+    data = b"".join(self._tokens.get(int(i), b"") for i in ids)
+    return data.decode("utf-8", errors="replace")
+
+
 def load_tokenizer(spec: str | os.PathLike | None = None) -> Tokenizer:
-  """None or "bytes" -> ByteTokenizer; a ``*.json`` path -> HFTokenizer."""
+  """None or "bytes" -> ByteTokenizer; a ``*.json`` path -> HFTokenizer; a ``*.txt`` World
+  vocabulary -> WorldTokenizer."""
   if spec is None or str(spec) == "bytes":
     return ByteTokenizer()
   path = str(spec)
   if path.endswith(".json"):
     return HFTokenizer(path)
-  raise ValueError(f"unknown tokenizer {spec!r}: use 'bytes' or a tokenizer.json path")
+  if path.endswith(".txt"):
+    return WorldTokenizer(path)
+  raise ValueError(
+      f"unknown tokenizer {spec!r}: use 'bytes', a tokenizer.json or a World vocab .txt path")

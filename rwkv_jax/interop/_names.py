@@ -1,0 +1,94 @@
+"""Parameter names and layouts: our NNX paths <-> BlinkDL ``.pth`` <-> HF transformers.
+
+Our path (dotted)               BlinkDL name                  torch layout vs ours
+  emb                             emb.weight                    same (V, C)
+  ln0.{weight,bias}               blocks.0.ln0.{weight,bias}    same (C,)
+  blocks.i.ln{1,2}.*              blocks.i.ln{1,2}.*            same (C,)
+  blocks.i.att.time_mix_{k,v,r}   blocks.i.att.time_mix_{k,v,r} (1, 1, C) vs (C,)
+  blocks.i.att.time_{decay,first} blocks.i.att.time_{decay,first} same (C,)
+  blocks.i.ffn.time_mix_{k,r}     blocks.i.ffn.time_mix_{k,r}   (1, 1, C) vs (C,)
+  blocks.i.{att,ffn}.*.kernel     blocks.i.{att,ffn}.*.weight   transposed: (out, in) vs (in, out)
+  ln_out.*                        ln_out.*                      same (C,)
+  head                            head.weight                   transposed: (V, C) vs (C, V)
+
+time_decay is the log-decay in all three (the decay rate is exp(time_decay), applied as
+exp(-exp(time_decay)) per token), so it is copied unchanged. HF renames the BlinkDL names:
+``rwkv.`` prefix, embeddings, pre_ln, attention, feed_forward, time_mix_key/value/receptance.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_DIRECT = {"emb": "emb.weight", "ln0.weight": "blocks.0.ln0.weight",
+           "ln0.bias": "blocks.0.ln0.bias", "head": "head.weight"}
+_HF_RENAMES = [  # BlinkDL piece -> HF piece, applied in order
+    (re.compile(r"^emb\."), "embeddings."),
+    (re.compile(r"^blocks\.0\.ln0\."), "blocks.0.pre_ln."),
+    (re.compile(r"\.att\."), ".attention."),
+    (re.compile(r"\.ffn\."), ".feed_forward."),
+    (re.compile(r"\.time_mix_k$"), ".time_mix_key"),
+    (re.compile(r"\.time_mix_v$"), ".time_mix_value"),
+    (re.compile(r"\.time_mix_r$"), ".time_mix_receptance"),
+]
+
+
+def layout(our_name: str) -> str:
+  """How the torch tensor relates to ours: "same", "T" (transposed) or "mix" ((1,1,C))."""
+  if our_name == "head" or our_name.endswith(".kernel"):
+    return "T"
+  if ".time_mix_" in our_name:
+    return "mix"
+  return "same"
+
+
+def to_blinkdl(our_name: str) -> str:
+  if our_name in _DIRECT:
+    return _DIRECT[our_name]
+  if our_name.endswith(".kernel"):
+    return our_name[: -len("kernel")] + "weight"
+  return our_name
+
+
+def blinkdl_to_hf(name: str) -> str:
+  if name == "head.weight":
+    return name
+  for pattern, repl in _HF_RENAMES:
+    name = pattern.sub(repl, name)
+  return "rwkv." + name
+
+
+def to_torch_layout(our_name: str, array: np.ndarray) -> np.ndarray:
+  kind = layout(our_name)
+  if kind == "T":
+    return np.ascontiguousarray(array.T)
+  if kind == "mix":
+    return array.reshape(1, 1, -1)
+  return array
+
+
+def from_torch_layout(our_name: str, array: np.ndarray, shape: tuple[int, ...]):
+  """The torch tensor in our layout, or None when its shape does not fit ``shape``."""
+  kind = layout(our_name)
+  if kind == "T":
+    array = array.T
+  elif kind == "mix" and array.size == int(np.prod(shape)) and array.ndim in (1, 3):
+    array = array.reshape(shape)  # (1, 1, C); some converters squeeze it to (C,)
+  return array if tuple(array.shape) == tuple(shape) else None
+
+
+def expected_torch_shape(our_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  kind = layout(our_name)
+  if kind == "T":
+    return tuple(reversed(shape))
+  if kind == "mix":
+    return (1, 1, *shape)
+  return tuple(shape)
+
+
+def layer_ids(names) -> list[int]:
+  """The block indices ``blocks.<i>.`` present among BlinkDL/HF names."""
+  ids = {int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", n))}
+  return sorted(ids)
