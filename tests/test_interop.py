@@ -359,8 +359,13 @@ def test_convert_cli_between_formats(case7, tmp_path, capsys):
   back = transformers.RwkvForCausalLM.from_pretrained(hf3)
   assert back.config.rescale_every == 2
   assert rel_err(hf_run(back, case7.ids).logits.numpy(), case7.eval_logits) <= TOL
-  with pytest.raises(FileExistsError):
-    cli_main(["convert", pth, hf2])
+  capsys.readouterr()
+  assert cli_main(["convert", pth, hf2]) == 1
+  assert "overwrite" in capsys.readouterr().err
+  evil = tmp_path / "evil.pth"
+  evil.write_bytes(pickle.dumps({"x": Evil(tmp_path / "PWNED")}))
+  assert cli_main(["convert", str(evil), str(tmp_path / "out")]) == 1
+  assert "refusing to load" in capsys.readouterr().err and not (tmp_path / "PWNED").exists()
   assert cli_main(["convert", pth, hf2, "--overwrite", "--dtype", "float16",
                    "--rescale-every", "6"]) == 0
   assert json.loads(open(os.path.join(hf2, "config.json")).read())["rescale_every"] == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -25,9 +26,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
   from rwkv_jax import interop  # imports JAX: only when the command runs
 
-  model = interop.from_pretrained(args.src)
-  dst = interop.save_pretrained(model, args.dst, dtype=args.dtype,
-                                rescale_every=args.rescale_every, overwrite=args.overwrite)
+  try:
+    model = interop.from_pretrained(args.src)
+    dst = interop.save_pretrained(model, args.dst, dtype=args.dtype,
+                                  rescale_every=args.rescale_every, overwrite=args.overwrite)
+  except (ValueError, ImportError, FileNotFoundError, FileExistsError) as e:
+    print(f"rwkv-jax convert: error: {e}", file=sys.stderr)
+    return 1
   cfg = model.cfg
   print(f"{args.src} -> {dst}: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
         f"vocab_size={cfg.vocab_size} dim_ffn={cfg.dim_ffn} ({args.dtype})")
