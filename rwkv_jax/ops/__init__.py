@@ -33,8 +33,9 @@ _IMPLS = {
 
 
 def default_implementation() -> str:
-  """The platform's default parallel-mode WKV path."""
-  return "associative_scan"
+  """The platform's default parallel-mode WKV path: the Pallas kernel on GPU,
+  associative_scan elsewhere (the kernel only runs interpreted off-GPU, which is slow)."""
+  return "pallas" if jax.default_backend() == "gpu" else "associative_scan"
 
 
 def resolve_implementation(implementation: str | None) -> str:
