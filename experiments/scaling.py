@@ -1,0 +1,349 @@
+"""Scaling-law sweep: a grid of RWKV sizes (n_layer x n_embd) x token budgets on a text corpus.
+
+Each grid point is an ordinary training run (``rwkv_jax.training.trainer.run_training``, the
+function behind ``rwkv-jax train``) in its own folder ``OUT/runs/<name>``. A finished run
+leaves ``sweep_done.json`` (its config, N, D, C and final validation loss); a rerun of the
+sweep skips those, so a killed sweep continues where it stopped (a half-finished run
+resumes from its last checkpoint).
+
+Per run: N = the trainer's matmul parameter count (all parameters but the embedding table,
+whose lookup is a gather; ``rwkv_jax.training.metrics.matmul_params``), D = tokens trained
+(steps x batch x ctx_len), C = 6 N D. Analysis:
+
+  * Pareto frontier: runs with a lower loss than every run of smaller or equal compute;
+  * log L = a + b log C fitted on the frontier; r^2 (the paper reports 0.994 on its 45-model
+    frontier), and the frontier's last point predicted from a fit to the others;
+  * L(N, D) = E + A / N^alpha + B / D^beta over all runs, by least squares: a grid over
+    (alpha, beta) with (E, A, B) >= 0 solved linearly at each point, then a finer grid
+    around the best (numpy only).
+
+  python experiments/scaling.py            # quick: CPU, 9 small runs, <= 15 min
+  python experiments/scaling.py --full     # GPU grid (see FULL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from experiments import _common
+
+DONE = "sweep_done.json"
+PAPER_R2 = 0.994
+
+
+def default_data() -> Path | None:
+  """``../shared/data/tinyshakespeare.txt`` relative to the repository root, if present."""
+  path = _common.REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+  return path if path.is_file() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+  sizes: tuple[tuple[int, int], ...]  # (n_layer, n_embd)
+  tokens: tuple[int, ...]             # token budgets D
+  ctx_len: int = 64
+  batch_size: int = 16
+  lr: float = 3e-3
+  warmup_fraction: float = 0.1
+  eval_size: int = 128                # validation windows
+  val_fraction: float = 0.1
+  seed: int = 0
+  wkv_impl: str | None = None
+
+
+QUICK = SweepSettings(sizes=((1, 16), (1, 32), (2, 64)), tokens=(2**15, 2**16 + 2**15, 2**18))
+FULL = SweepSettings(sizes=((2, 64), (2, 128), (4, 128), (4, 256), (6, 384), (8, 512)),
+                     tokens=(2**20, 2**22, 2**24), ctx_len=256, batch_size=32, lr=1e-3,
+                     eval_size=512)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+  n_layer: int
+  n_embd: int
+  tokens: int
+
+  @property
+  def name(self) -> str:
+    return f"L{self.n_layer}-D{self.n_embd}-tok{self.tokens}"
+
+
+def grid(settings: SweepSettings) -> list[SweepRun]:
+  """Every (size, budget) pair: the sweep is a plain list of runs."""
+  return [SweepRun(l, d, t) for (l, d), t in itertools.product(settings.sizes, settings.tokens)]
+
+
+def train_config(run: SweepRun, settings: SweepSettings, data: Path, out: Path):
+  """The TrainConfig of one grid point: steps = D / (batch x ctx_len), rounded up."""
+  from rwkv_jax.training.config import TrainConfig
+
+  steps = max(1, math.ceil(run.tokens / (settings.batch_size * settings.ctx_len)))
+  return TrainConfig(
+      out=str(out), steps=steps, batch_size=settings.batch_size, ctx_len=settings.ctx_len,
+      n_layer=run.n_layer, n_embd=run.n_embd, lr=settings.lr,
+      warmup=min(steps, max(1, round(settings.warmup_fraction * steps))),
+      data=str(data), val_fraction=settings.val_fraction, seed=settings.seed,
+      eval_every=0, eval_size=settings.eval_size, save_every=max(50, steps // 4),
+      resume=True, progress=False, wkv_impl=settings.wkv_impl)
+
+
+def run_sweep(runs: list[SweepRun], settings: SweepSettings, data: Path, out: Path, *,
+              train_fn: Callable | None = None, log=print) -> list[dict]:
+  """Trains every run that has no done-marker; returns one record per run (grid order)."""
+  if train_fn is None:
+    from rwkv_jax.training.trainer import run_training as train_fn
+  records = []
+  for i, run in enumerate(runs):
+    folder = out / "runs" / run.name
+    cfg = train_config(run, settings, data, folder)
+    marker = folder / DONE
+    if marker.is_file():
+      record = json.loads(marker.read_text())
+      if record.get("train_config") == cfg.to_dict():
+        log(f"[{i + 1}/{len(runs)}] {run.name}: done, skipped (loss {record['loss']:.4f})")
+        records.append(record)
+        continue
+      raise ValueError(f"{marker} was written by a different config; move {folder} away or "
+                       f"choose another --out")
+    log(f"[{i + 1}/{len(runs)}] {run.name}: {cfg.steps} steps")
+    t0 = time.perf_counter()
+    summary = train_fn(cfg)
+    if summary.get("interrupted") or summary.get("final_eval") is None:
+      raise KeyboardInterrupt(f"{run.name} was interrupted; rerun the sweep to resume it")
+    n = summary["flops_per_token"] / 6.0  # the trainer's 6N rule: N = matmul parameters
+    d = cfg.steps * cfg.batch_size * cfg.ctx_len
+    record = {"name": run.name, "n_layer": run.n_layer, "n_embd": run.n_embd,
+              "params": summary["params"], "N": int(round(n)), "D": d, "C": 6.0 * n * d,
+              "loss": float(summary["final_eval"]["loss"]),
+              "bits_per_byte": summary["final_eval"].get("bits_per_byte"),
+              "train_loss": summary.get("train_loss"), "wall_s": time.perf_counter() - t0,
+              "train_config": cfg.to_dict()}
+    _common.write_json(marker, record)
+    records.append(record)
+  return records
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def pareto_frontier(compute, loss) -> np.ndarray:
+  """Indices, by increasing compute, of runs that beat every run of smaller or equal compute."""
+  compute, loss = np.asarray(compute, float), np.asarray(loss, float)
+  order = np.lexsort((loss, compute))
+  best, keep = np.inf, []
+  for i in order:
+    if loss[i] < best:
+      keep.append(int(i))
+      best = loss[i]
+  return np.asarray(keep, int)
+
+
+def fit_power_law(compute, loss) -> dict:
+  """log L = a + b log C by least squares; L = exp(a) C^b. r^2 in log space."""
+  x, y = np.log(np.asarray(compute, float)), np.log(np.asarray(loss, float))
+  if x.size < 2:
+    raise ValueError(f"a power-law fit needs at least 2 points, got {x.size}")
+  b, a = np.polyfit(x, y, 1)
+  return {"a": float(a), "b": float(b), "r2": r_squared(y, a + b * x), "n_points": int(x.size)}
+
+
+def r_squared(y, pred) -> float:
+  y, pred = np.asarray(y, float), np.asarray(pred, float)
+  ss_tot = float(np.square(y - y.mean()).sum())
+  return 1.0 - float(np.square(y - pred).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def _nonneg_lstsq(x, y):
+  """min ||x c - y|| with c >= 0 for a 3-column x, by trying every active set (8 of them)."""
+  best = (np.inf, None)
+  for cols in itertools.chain.from_iterable(itertools.combinations(range(3), k)
+                                            for k in range(1, 4)):
+    sub, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+    if (sub < 0).any():
+      continue
+    c = np.zeros(3)
+    c[list(cols)] = sub
+    sse = float(np.square(x @ c - y).sum())
+    if sse < best[0]:
+      best = (sse, c)
+  return best
+
+
+def fit_chinchilla(n, d, loss, alphas=None, betas=None, refine: int = 4) -> dict:
+  """L(N, D) = E + A / N^alpha + B / D^beta with E, A, B >= 0 (least squares in L).
+
+  For fixed exponents the model is linear in (E, A, B), so a grid over (alpha, beta)
+  with an exact non-negative solve at each point finds the global optimum on the grid;
+  ``refine`` rounds of a 10x finer grid around the best point follow. N and D are scaled
+  by their geometric means inside the solve for conditioning (A and B are reported for
+  the raw N, D).
+  """
+  n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
+  if not (n.size == d.size == loss.size) or n.size < 4:
+    raise ValueError(f"L(N, D) has 5 parameters; need >= 4 runs of equal-length N, D, L, "
+                     f"got {n.size}, {d.size}, {loss.size}")
+  n0, d0 = np.exp(np.log(n).mean()), np.exp(np.log(d).mean())
+  alphas = np.linspace(0.05, 2.0, 40) if alphas is None else np.asarray(alphas, float)
+  betas = np.linspace(0.05, 2.0, 40) if betas is None else np.asarray(betas, float)
+  best = (np.inf, None, None, None)
+  for _ in range(refine + 1):
+    for a in alphas:
+      for b in betas:
+        x = np.stack([np.ones_like(n), (n / n0) ** -a, (d / d0) ** -b], axis=1)
+        sse, c = _nonneg_lstsq(x, loss)
+        if sse < best[0]:
+          best = (sse, a, b, c)
+    step_a, step_b = alphas[1] - alphas[0], betas[1] - betas[0]
+    alphas = np.linspace(max(best[1] - step_a, 1e-3), best[1] + step_a, 21)
+    betas = np.linspace(max(best[2] - step_b, 1e-3), best[2] + step_b, 21)
+  sse, alpha, beta, (e, a_s, b_s) = best
+  pred = e + a_s * (n / n0) ** -alpha + b_s * (d / d0) ** -beta
+  return {"E": float(e), "A": float(a_s * n0**alpha), "B": float(b_s * d0**beta),
+          "alpha": float(alpha), "beta": float(beta), "r2": r_squared(loss, pred),
+          "rmse": float(np.sqrt(sse / loss.size)), "n_points": int(loss.size)}
+
+
+def chinchilla_predict(fit: dict, n, d):
+  return fit["E"] + fit["A"] / np.asarray(n, float)**fit["alpha"] \
+      + fit["B"] / np.asarray(d, float)**fit["beta"]
+
+
+def analyse(records: list[dict]) -> dict:
+  c = np.asarray([r["C"] for r in records])
+  loss = np.asarray([r["loss"] for r in records])
+  front = pareto_frontier(c, loss)
+  out = {"frontier": [records[i]["name"] for i in front]}
+  if front.size >= 2:
+    out["compute_fit"] = fit_power_law(c[front], loss[front])
+  if front.size >= 3:  # extrapolation: fit without the largest-compute frontier point
+    held = fit_power_law(c[front[:-1]], loss[front[:-1]])
+    pred = math.exp(held["a"]) * c[front[-1]] ** held["b"]
+    out["extrapolation"] = {"fit_without_last": held, "predicted_loss": pred,
+                            "actual_loss": float(loss[front[-1]]),
+                            "rel_error": float(pred / loss[front[-1]] - 1)}
+  if len(records) >= 4:
+    out["nd_fit"] = fit_chinchilla([r["N"] for r in records], [r["D"] for r in records], loss)
+  return out
+
+
+def plot(records: list[dict], analysis: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(1, 2, figsize=(12, 4.8))
+  sizes = sorted({(r["n_layer"], r["n_embd"], r["N"]) for r in records}, key=lambda s: s[2])
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
+  for (nl, ne, n), col in zip(sizes, colors):
+    rs = sorted((r for r in records if r["N"] == n), key=lambda r: r["D"])
+    label = f"{nl}x{ne} (N={n:,})"
+    ax[0].loglog([r["C"] for r in rs], [r["loss"] for r in rs], "o", color=col, label=label)
+    ax[1].semilogx([r["D"] for r in rs], [r["loss"] for r in rs], "o", color=col, label=label)
+    if "nd_fit" in analysis:
+      dd = np.geomspace(min(r["D"] for r in records), max(r["D"] for r in records), 50)
+      ax[1].semilogx(dd, chinchilla_predict(analysis["nd_fit"], n, dd), "-", color=col)
+  by_name = {r["name"]: r for r in records}
+  front = [by_name[n] for n in analysis["frontier"]]
+  ax[0].loglog([r["C"] for r in front], [r["loss"] for r in front], "k--", lw=1,
+               label="Pareto frontier")
+  if "compute_fit" in analysis:
+    f = analysis["compute_fit"]
+    cc = np.geomspace(min(r["C"] for r in records), max(r["C"] for r in records), 50)
+    ax[0].loglog(cc, np.exp(f["a"]) * cc ** f["b"], "r-",
+                 label=f"fit L ∝ C^{f['b']:.3f}, r²={f['r2']:.3f}")
+  ax[0].set(xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
+            title="runs, frontier and compute fit")
+  title = "L(N, D) fit"
+  if "nd_fit" in analysis:
+    f = analysis["nd_fit"]
+    title = (f"L = {f['E']:.2f} + A/N^{f['alpha']:.2f} + B/D^{f['beta']:.2f}  "
+             f"(r²={f['r2']:.3f})")
+  ax[1].set(xlabel="tokens D", ylabel="validation loss (nats/token)", title=title)
+  for a in ax:
+    a.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def tables(records: list[dict], analysis: dict) -> str:
+  front = set(analysis["frontier"])
+  parts = [_common.print_table(
+      ["run", "N (matmul)", "D tokens", "C = 6ND", "val loss", "bits/byte", "frontier"],
+      [[r["name"], f"{r['N']:,}", f"{r['D']:,}", f"{r['C']:.3g}", r["loss"],
+        r["bits_per_byte"] if r["bits_per_byte"] is not None else "-",
+        "yes" if r["name"] in front else ""] for r in records])]
+  rows = []
+  if "compute_fit" in analysis:
+    f = analysis["compute_fit"]
+    rows.append(["log L vs log C on the frontier", f"L = {math.exp(f['a']):.3g} C^{f['b']:.4f}",
+                 f"{f['r2']:.4f} ({f['n_points']} points; paper {PAPER_R2})"])
+  if "extrapolation" in analysis:
+    e = analysis["extrapolation"]
+    rows.append(["last frontier point from the others", f"predicted {e['predicted_loss']:.4f}"
+                 f", actual {e['actual_loss']:.4f}", f"rel. error {100 * e['rel_error']:+.1f}%"])
+  if "nd_fit" in analysis:
+    f = analysis["nd_fit"]
+    rows.append(["L(N, D) over all runs", f"E={f['E']:.3f} A={f['A']:.4g} alpha={f['alpha']:.3f}"
+                 f" B={f['B']:.4g} beta={f['beta']:.3f}",
+                 f"{f['r2']:.4f} (rmse {f['rmse']:.4f})"])
+  parts.append(_common.print_table(["fit", "result", "r^2"], rows))
+  return "\n\n".join(parts)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--full", action="store_true", help="the GPU grid")
+  p.add_argument("--data", help="text corpus (default ../shared/data/tinyshakespeare.txt)")
+  p.add_argument("--out", default=str(_common.REPO / "experiments/out/scaling"))
+  p.add_argument("--sizes", help="comma-separated LxD, e.g. 1x16,2x64")
+  p.add_argument("--tokens", help="comma-separated token budgets, e.g. 32768,131072")
+  p.add_argument("--ctx-len", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--lr", type=float)
+  args = p.parse_args(argv)
+  settings = FULL if args.full else QUICK
+  changes = {}
+  if args.sizes:
+    changes["sizes"] = tuple(tuple(int(v) for v in s.lower().split("x"))
+                             for s in args.sizes.split(","))
+  if args.tokens:
+    changes["tokens"] = tuple(int(float(t)) for t in args.tokens.split(","))
+  for key in ("ctx_len", "batch_size", "lr"):
+    if getattr(args, key) is not None:
+      changes[key] = getattr(args, key)
+  settings = dataclasses.replace(settings, **changes)
+  data = Path(args.data) if args.data else default_data()
+  if data is None:
+    raise SystemExit("no corpus: ../shared/data/tinyshakespeare.txt is absent; pass --data")
+  if not data.is_file():
+    raise SystemExit(f"--data {data}: no such file")
+  data, out = data.absolute(), Path(args.out).absolute()  # the done-markers record them
+  t0 = time.perf_counter()
+  records = run_sweep(grid(settings), settings, data, out)
+  analysis = analyse(records)
+  result = {"settings": dataclasses.asdict(settings), "data": str(data),
+            "machine": _common.machine(), "date": _common.RUN_DATE, "runs": records,
+            "analysis": analysis, "paper_r2": PAPER_R2, "wall_s": time.perf_counter() - t0}
+  _common.write_json(out / "results.json", result)
+  plot(records, analysis, out / "scaling.png")
+  print(f"\n{result['machine']}; sweep wall {result['wall_s']:.0f} s (skipped runs count 0)\n")
+  tables(records, analysis)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
