@@ -99,7 +99,10 @@ def _load_training_dir(path: Path, step: int | None):
       step = steps[-1]
     elif step not in steps:
       raise ValueError(f"{path} has no checkpoint of step {step}; it has {steps}")
-    restored, _ = ckpt.restore(step, {"params": abstract_params})
+    # Onto one device, whatever mesh the run was trained on (orbax reshards).
+    from rwkv_jax.sharding import abstract_on_device
+
+    restored, _ = ckpt.restore(step, {"params": abstract_on_device(abstract_params)})
   finally:
     ckpt.close()
   params = jax.tree.map(jax.numpy.asarray, restored["params"])

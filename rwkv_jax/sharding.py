@@ -247,6 +247,13 @@ def abstract_tree(tree, shardings):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def abstract_on_device(tree, device=None):
+  """``abstract_tree`` on one device (default: the first local one): the restore target
+  of a single-device run, whatever mesh the checkpoint was saved from."""
+  one = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+  return abstract_tree(tree, jax.tree.map(lambda _: one, tree))
+
+
 # ----------------------------------------------------------------------------- batches
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -352,9 +359,9 @@ def is_main_process() -> bool:
 
 
 __all__ = [
-    "LOGICAL_AXIS_RULES", "MESH_AXES", "abstract_tree", "batch_sharding", "batch_shards",
-    "compute_gather", "distributed_env", "is_main_process", "local_batch_indices",
-    "logical_axes", "logical_to_mesh_spec", "make_mesh", "maybe_initialize_distributed",
-    "mesh_description", "param_shardings", "parse_mesh_spec", "place_batch", "shard_model",
-    "state_shardings", "tree_shardings",
+    "LOGICAL_AXIS_RULES", "MESH_AXES", "abstract_on_device", "abstract_tree",
+    "batch_sharding", "batch_shards", "compute_gather", "distributed_env", "is_main_process",
+    "local_batch_indices", "logical_axes", "logical_to_mesh_spec", "make_mesh",
+    "maybe_initialize_distributed", "mesh_description", "param_shardings", "parse_mesh_spec",
+    "place_batch", "shard_model", "state_shardings", "tree_shardings",
 ]

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="also write TensorBoard scalars to OUT/tensorboard (needs tensorboardX)")
   g.add_argument("--no-progress", dest="progress", action="store_false",
                  help="no progress bar")
+  g.add_argument("--mesh", metavar="SPEC",
+                 help="device mesh, e.g. data=2,fsdp=2,tensor=2 (an axis of -1 takes the "
+                      "remaining devices; default: all devices on data); see README "
+                      "'Scaling out'")
   g.add_argument("--peak-tflops", type=float,
                  help="peak TFLOP/s of one device for MFU (default: spec table; none on CPU)")
   g = p.add_argument_group("data")

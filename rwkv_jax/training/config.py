@@ -64,6 +64,9 @@ class TrainConfig:
   tensorboard: bool = False
   progress: bool = True
   peak_tflops: float | None = None
+  # Device mesh, e.g. "data=2,fsdp=2,tensor=2" (rwkv_jax.sharding.make_mesh). Not a
+  # trajectory field: a run may resume on another mesh (the checkpoint is resharded).
+  mesh: str | None = None
 
   def validate(self) -> "TrainConfig":
     """Raises ValueError naming the first invalid field."""
@@ -111,6 +114,8 @@ class TrainConfig:
     need(self.preset is None or self.preset.lower() in RWKVConfig.preset_names(), "preset",
          f"must be one of {RWKVConfig.preset_names()}")
     need(not self.resume or self.out is not None, "resume", "needs --out DIR")
+    need(self.mesh is None or isinstance(self.mesh, str), "mesh",
+         'must be a mesh spec such as "data=2,fsdp=2,tensor=2"')
     if self.data is None and self.tokenizer is not None:
       raise ValueError("--tokenizer needs --data (the synthetic task has its own vocabulary)")
     return self

@@ -34,19 +34,23 @@ def init_state(model: nnx.Module, tx, seed: int) -> tuple[nnx.GraphDef, TrainSta
   return graphdef, state
 
 
-def token_losses(graphdef, params, batch, *, implementation=None):
-  """Per-position cross entropy (B, T), logits (B, T, V) and mask (B, T)."""
+def token_losses(graphdef, params, batch, *, implementation=None, gather=None):
+  """Per-position cross entropy (B, T), logits (B, T, V) and mask (B, T).
+
+  ``gather`` (``rwkv_jax.sharding.compute_gather``) pins the parameters to the layout
+  they are computed in under a mesh (FSDP shards all-gathered per use)."""
   inputs, targets, mask = batch
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params if gather is None else gather(params))
   logits = model(inputs, implementation=implementation)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return ce, logits, mask
 
 
-def loss_fn(params, graphdef, batch, z_loss: float, implementation=None):
+def loss_fn(params, graphdef, batch, z_loss: float, implementation=None, gather=None):
   """Masked mean cross entropy, plus z_loss * mean(logsumexp(logits)^2) (PaLM's auxiliary
   loss that keeps the softmax normaliser near 1) when z_loss > 0."""
-  ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation)
+  ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation,
+                                  gather=gather)
   count = jnp.maximum(mask.sum(), 1.0)
   loss = (ce * mask).sum() / count
   total = loss
@@ -57,13 +61,13 @@ def loss_fn(params, graphdef, batch, z_loss: float, implementation=None):
   return total, (loss, correct / count)
 
 
-def make_train_step(graphdef, tx, *, z_loss: float = 0.0, implementation=None):
+def make_train_step(graphdef, tx, *, z_loss: float = 0.0, implementation=None, gather=None):
   """Builds the pure ``train_step(state, batch) -> (state, metrics)``."""
 
   def train_step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, (loss, acc)), grads = grad_fn(state.params, graphdef, batch, z_loss,
-                                          implementation)
+                                          implementation, gather)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
@@ -74,12 +78,13 @@ def make_train_step(graphdef, tx, *, z_loss: float = 0.0, implementation=None):
   return train_step
 
 
-def make_eval_step(graphdef, *, implementation=None):
+def make_eval_step(graphdef, *, implementation=None, gather=None):
   """``eval_step(params, batch) -> {"loss_sum", "correct", "count"}`` (sums, not means, so
   batches of any padding combine exactly)."""
 
   def eval_step(params, batch):
-    ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation)
+    ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation,
+                                    gather=gather)
     correct = (logits.argmax(-1) == batch[1]) * mask
     return {"loss_sum": (ce * mask).sum(), "correct": correct.sum(), "count": mask.sum()}
 
@@ -102,9 +107,14 @@ def compile_eval_step(eval_step, *, param_shardings=None, batch_shardings=None):
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))
 
 
-def place_batch(batch, shardings=None):
-  """The single place a host batch goes to the device(s)."""
-  arrays = tuple(jnp.asarray(x) for x in batch) if shardings is None else None
-  if shardings is None:
-    return arrays
-  return tuple(jax.device_put(x, s) for x, s in zip(batch, shardings))
+def place_batch(batch, mesh=None):
+  """The single place a host batch goes to the device(s). With a mesh, each process
+  passes on only its own rows of the (every-process-identical) global batch, split over
+  the mesh's batch axes by ``jax.make_array_from_process_local_data``."""
+  if mesh is None:
+    return tuple(jnp.asarray(x) for x in batch)
+  from rwkv_jax import sharding
+
+  size = len(batch[0])
+  rows = sharding.local_batch_indices(mesh, size)
+  return sharding.place_batch(tuple(x[rows] for x in batch), mesh, size)

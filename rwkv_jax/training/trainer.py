@@ -1,7 +1,9 @@
 """The training loop: ``run_training(TrainConfig) -> summary dict``.
 
-One process, one device for now: the step is jitted in ``step.compile_train_step`` and
-batches are placed in ``step.place_batch`` (the two places a mesh plugs in).
+The step is jitted in ``step.compile_train_step`` and batches are placed in
+``step.place_batch``; with ``--mesh`` (or several devices) both get the shardings of
+``rwkv_jax.sharding``. In a multi-process run only process 0 prints and writes logs;
+every process takes part in the orbax checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax import sharding
 from rwkv_jax.checkpoint import load_model, read_run_config, write_run_config
 from rwkv_jax.data.synthetic import SyntheticTask
 from rwkv_jax.model import RWKV
@@ -31,8 +34,6 @@ from rwkv_jax.training.optim import make_optimizer
 from rwkv_jax.training.step import (TrainState, compile_eval_step, compile_train_step,
                                     init_state, make_eval_step, make_train_step,
                                     place_batch)
-
-DEVICES_USED = 1  # the single-device path; a mesh would count its devices here
 
 
 class TrainingDiverged(FloatingPointError):
@@ -126,12 +127,24 @@ def _initial_model(cfg: TrainConfig, data_vocab: int | None):
   return model
 
 
-def _evaluate(eval_step, params, data, cfg: TrainConfig) -> dict[str, float]:
+def _evaluate(eval_step, params, data, cfg: TrainConfig, mesh=None) -> dict[str, float]:
   sums = np.zeros(3)
   for batch in data.eval_batches(cfg.batch_size, cfg.eval_size):
-    out = jax.device_get(eval_step(params, place_batch(batch)))
+    out = jax.device_get(eval_step(params, place_batch(batch, mesh)))
     sums += [float(out["loss_sum"]), float(out["correct"]), float(out["count"])]
   return data.summarize(*sums)
+
+
+def _mesh(cfg: TrainConfig):
+  """None for the plain single-device path (one device, no --mesh), else the mesh."""
+  if cfg.mesh is None and jax.device_count() == 1:
+    return None
+  mesh = sharding.make_mesh(cfg.mesh)
+  shards = sharding.batch_shards(mesh)
+  if cfg.batch_size % shards:
+    raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {shards} batch "
+                     f"shards of the mesh {sharding.mesh_description(mesh)}")
+  return mesh
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
@@ -146,6 +159,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
   Raises ValueError / FileNotFoundError for bad input, CheckpointError for a checkpoint
   that cannot be restored, TrainingDiverged when the loss turns NaN/Inf.
   """
+  sharding.maybe_initialize_distributed()  # before anything touches a device
   cfg = dataclasses.replace(cfg, data=_absolute(cfg.data), init_from=_absolute(cfg.init_from),
                             tokenizer=cfg.tokenizer if cfg.tokenizer in (None, "bytes")
                             else _absolute(cfg.tokenizer)).validate()
@@ -191,9 +205,14 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
       lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
       final_lr_ratio=cfg.final_lr_ratio, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
       eps=cfg.eps, clip=cfg.clip, grad_accum=cfg.grad_accum)
+  mesh = _mesh(cfg)
   if resuming:
     graphdef, abstract = nnx.split(model, nnx.Param)
     template = jax.eval_shape(lambda p: init_state_from_params(p, tx), abstract)
+    # Restore straight onto this run's devices, whatever mesh the checkpoint was saved on.
+    template = (sharding.abstract_on_device(template) if mesh is None else
+                sharding.abstract_tree(
+                    template, sharding.state_shardings(template, mesh, template.params)))
     restored, meta = ckpt.restore(latest, Checkpointer.items_of(template))
     state = TrainState(restored["params"], restored["opt_state"],
                        restored["train"]["step"], restored["train"]["rng"])
@@ -204,10 +223,11 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
   else:
     graphdef, state = init_state(model, tx, cfg.seed)
     start = 0
-  write_run_config(out, model_cfg, cfg)
+  if sharding.is_main_process():
+    write_run_config(out, model_cfg, cfg)
   del model
   return _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
-               resuming, wall0)
+               resuming, wall0, mesh)
 
 
 def init_state_from_params(params, tx) -> TrainState:
@@ -215,19 +235,46 @@ def init_state_from_params(params, tx) -> TrainState:
   return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), rng)
 
 
+class _NoLog:
+  """The metrics log of processes other than 0."""
+
+  def write(self, record):
+    pass
+
+  def close(self):
+    pass
+
+
 def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start, resuming,
-          wall0) -> dict[str, Any]:
+          wall0, mesh=None) -> dict[str, Any]:
   from tqdm.auto import tqdm
 
-  train_step = compile_train_step(make_train_step(graphdef, tx, z_loss=cfg.z_loss))
-  eval_step = compile_eval_step(make_eval_step(graphdef))
-  log = M.MetricsLog(out, resume_step=start if resuming else None, tensorboard=cfg.tensorboard)
+  main = sharding.is_main_process()
+  state_sh = batch_sh = gather = None
+  if mesh is not None:
+    state_sh = sharding.state_shardings(state, mesh, state.params)
+    batch_sh = sharding.batch_sharding(mesh)
+    gather = sharding.compute_gather(mesh, state.params)
+    if not resuming:  # a restored state already lies on the mesh
+      state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state),
+                             state_sh)
+  n_devices = 1 if mesh is None else mesh.size
+  train_step = compile_train_step(
+      make_train_step(graphdef, tx, z_loss=cfg.z_loss, gather=gather),
+      state_shardings=state_sh, batch_shardings=batch_sh)
+  eval_step = compile_eval_step(
+      make_eval_step(graphdef, gather=gather),
+      param_shardings=None if state_sh is None else state_sh.params, batch_shardings=batch_sh)
+  log = (M.MetricsLog(out, resume_step=start if resuming else None,
+                      tensorboard=cfg.tensorboard) if main else _NoLog())
   tokens_per_step = cfg.batch_size * cfg.ctx_len * cfg.grad_accum
   flops_per_token = M.train_flops_per_token(model_cfg)
   peak = M.peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, cfg.peak_tflops)
-  print(f"rwkv-jax train: {model_cfg.n_layer} layers x {model_cfg.n_embd}, "
-        f"{model_cfg.param_count():,} parameters, {model_cfg.dtype}; {data.describe()}")
-  print(f"  out: {out}  ({'resuming from step ' + str(start) if resuming else 'new run'})")
+  if main:
+    print(f"rwkv-jax train: {model_cfg.n_layer} layers x {model_cfg.n_embd}, "
+          f"{model_cfg.param_count():,} parameters, {model_cfg.dtype}; {data.describe()}")
+    print(f"  out: {out}  ({'resuming from step ' + str(start) if resuming else 'new run'})"
+          + ("" if mesh is None else f"; mesh {sharding.mesh_description(mesh)}"))
 
   def save(step, loss):
     ckpt.save(step, state, {"step": step, "data_position": step * cfg.grad_accum,
@@ -236,15 +283,16 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
   rates, eval_metrics, saved_step = [], None, (start if resuming else None)
   last = {"loss": float("nan"), "accuracy": float("nan")}
   interrupted = None
-  bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), unit="step",
              dynamic_ncols=True)
+  say = bar.write if main else (lambda message: None)
   with _StopOnSignal() as stop:
     for step in range(start + 1, cfg.steps + 1):
       t0 = time.perf_counter()
       micro = []
       for i in range(cfg.grad_accum):
         position = (step - 1) * cfg.grad_accum + i
-        state, m = train_step(state, place_batch(data.batch(position, cfg.batch_size)))
+        state, m = train_step(state, place_batch(data.batch(position, cfg.batch_size), mesh))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         micro.append(m)
         if not (math.isfinite(m["total_loss"]) and math.isfinite(m["grad_norm"])):
@@ -265,7 +313,7 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
       record = {"step": step, "loss": last["loss"], "accuracy": last["accuracy"],
                 "lr": float(schedule(step - 1)), "grad_norm": last["grad_norm"],
                 "tokens_per_s": rate,
-                "mfu": None if peak is None else rate * flops_per_token / (peak * DEVICES_USED),
+                "mfu": None if peak is None else rate * flops_per_token / (peak * n_devices),
                 "step_time_s": dt}
       if cfg.z_loss > 0:
         record["total_loss"] = last["total_loss"]
@@ -276,35 +324,39 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
                       refresh=False)
       bar.update(1)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        eval_metrics = _evaluate(eval_step, state.params, data, cfg)
+        eval_metrics = _evaluate(eval_step, state.params, data, cfg, mesh)
         log.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
-        bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}"
+        say(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}"
                                                     for k, v in eval_metrics.items()))
       if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.signum:
         save(step, last["loss"])
         saved_step = step
       if stop.signum:
         interrupted = signal.Signals(stop.signum).name
-        bar.write(f"{interrupted}: saved step {step} to {ckpt.directory}; continue with "
+        say(f"{interrupted}: saved step {step} to {ckpt.directory}; continue with "
                   f"--resume --out {out}")
         break
   bar.close()
   final = None
   if interrupted is None:
-    final = _evaluate(eval_step, state.params, data, cfg)
+    final = _evaluate(eval_step, state.params, data, cfg, mesh)
     log.write({"step": cfg.steps, **{f"eval_{k}": v for k, v in final.items()}})
   log.close()
-  M.plot_loss_curve(out, title=f"rwkv-jax {model_cfg.n_layer}x{model_cfg.n_embd}")
+  if main:
+    M.plot_loss_curve(out, title=f"rwkv-jax {model_cfg.n_layer}x{model_cfg.n_embd}")
   tps = statistics.median(rates) if rates else None
   summary = {
       "out": str(out), "steps": saved_step, "interrupted": interrupted,
       "params": model_cfg.param_count(), "train_loss": last["loss"],
       "train_accuracy": last["accuracy"], "final_eval": final,
       "tokens_per_s": tps, "peak_flops": peak, "flops_per_token": flops_per_token,
-      "mfu": None if (peak is None or tps is None) else tps * flops_per_token / peak,
+      "mfu": (None if (peak is None or tps is None)
+              else tps * flops_per_token / (peak * n_devices)),
       "device": jax.devices()[0].device_kind, "wall_s": time.perf_counter() - wall0,
+      "devices": n_devices, "mesh": None if mesh is None else sharding.mesh_description(mesh),
   }
-  tmp = out / ".summary.json.tmp"
-  tmp.write_text(json.dumps(summary, indent=1) + "\n")
-  os.replace(tmp, out / "summary.json")
+  if main:
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, out / "summary.json")
   return summary
