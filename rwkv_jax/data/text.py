@@ -7,9 +7,9 @@
     end-of-document id (``eot_id``; the byte tokenizer uses 0).
   * The token stream is cached beside the data as ``<file>.<key>.tokens`` (raw uint16 or
     uint32) plus ``.json`` metadata, or ``<folder>/.rwkv-jax-cache/<key>.tokens`` for a
-    folder. The key hashes the tokenizer and every source file's (path, size, mtime), so
-    a changed source gets a fresh cache; stale caches of the same source are removed
-    (only files this module wrote). Both files are written to a temporary name and
+    folder. The key hashes the tokenizer (and its file) and every source file's (path,
+    size, mtime), so a changed source or tokenizer gets a fresh cache; stale caches of
+    the same source are removed (only files this module wrote). Both files are written to a temporary name and
     renamed, so a crash never leaves a half-written cache in use.
   * The last ``val_fraction`` of the stream is validation, the rest training.
   * Training window b of step s starts at a position drawn from
@@ -75,14 +75,19 @@ def _atomic_write(target: Path, write) -> None:
       tmp.unlink()
 
 
-def build_token_cache(path, tokenizer) -> tuple[np.ndarray, dict]:
-  """Tokenizes ``path`` once and returns (memory-mapped token array, metadata)."""
+def build_token_cache(path, tokenizer, tokenizer_file=None) -> tuple[np.ndarray, dict]:
+  """Tokenizes ``path`` once and returns (memory-mapped token array, metadata).
+
+  ``tokenizer_file`` (the tokenizer's vocabulary file, if any) is hashed into the cache
+  key, so editing it invalidates the cache too."""
   path = Path(path).absolute()
   files = _source_files(path)
   if tokenizer.eot_id is None:
     raise ValueError("the tokenizer has no end-of-document token; documents cannot be "
                      "separated (use a tokenizer.json with <|endoftext|>, </s> or <eos>)")
   fingerprint = [_tokenizer_id(tokenizer)]
+  if tokenizer_file is not None:
+    fingerprint.append(hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest())
   for f in files:
     st = f.stat()
     fingerprint.append(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:"
@@ -130,8 +135,8 @@ class TextData:
   """Train / validation windows of ``ctx_len + 1`` tokens over a cached token stream."""
 
   def __init__(self, path, tokenizer, ctx_len: int, *, val_fraction: float = 0.05,
-               seed: int = 0, vocab_size: int | None = None):
-    self.tokens, self.meta = build_token_cache(path, tokenizer)
+               seed: int = 0, vocab_size: int | None = None, tokenizer_file=None):
+    self.tokens, self.meta = build_token_cache(path, tokenizer, tokenizer_file)
     self.ctx_len, self.seed = int(ctx_len), int(seed)
     self.vocab_size = int(vocab_size or tokenizer.vocab_size)
     top = int(self.tokens.max())
