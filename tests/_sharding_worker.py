@@ -258,6 +258,28 @@ def check_multi(workdir: Path, ref, graphdef, params) -> dict:
   }
 
 
+TRAIN_ARGS = dict(n_layer=1, n_embd=32, batch_size=8, ctx_len=8, eval_every=0, eval_size=8,
+                  save_every=2, schedule="constant", warmup=0, progress=False)
+
+
+def check_trainer(seed: int, workdir: Path) -> dict:
+  """``rwkv-jax train --mesh``: 2 steps on fsdp=4,data=2, then resumed to 4 steps on
+  tensor=2,data=4 (the checkpoint is resharded); the test compares the losses with a
+  one-device run and resumes this run's last checkpoint on one device."""
+  from rwkv_jax.training.config import TrainConfig
+  from rwkv_jax.training.trainer import run_training
+
+  out = workdir / "train"
+  first = run_training(TrainConfig(out=str(out), steps=2, mesh="fsdp=4,data=2", seed=seed,
+                                   **TRAIN_ARGS))
+  second = run_training(TrainConfig(out=str(out), steps=4, mesh="tensor=2,data=4", seed=seed,
+                                    resume=True, **TRAIN_ARGS))
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  return {"out": str(out), "train_args": TRAIN_ARGS, "meshes": [first["mesh"], second["mesh"]],
+          "devices": [first["devices"], second["devices"]],
+          "losses": {r["step"]: r["loss"] for r in records if "loss" in r}}
+
+
 def run_single(seed: int, workdir: Path):
   if jax.device_count() != 8:
     raise SystemExit(f"expected 8 fake devices, got {jax.device_count()}")
@@ -267,6 +289,7 @@ def run_single(seed: int, workdir: Path):
   out["wkv_hlo"] = {impl: wkv_collectives(graphdef, params, impl)
                     for impl in ("scan", "associative_scan")}
   out["model_hlo"] = model_forward_collectives(graphdef, params, inputs)
+  out["trainer"] = check_trainer(seed, workdir)
   # The multi-process run goes on beside this one; wait for its report (process 0 writes
   # it last, after the multi-host checkpoint is complete).
   deadline = time.time() + MULTI_WAIT_S

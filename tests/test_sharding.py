@@ -73,6 +73,7 @@ def report(tmp_path_factory):
   if single.returncode != 0:
     pytest.fail(f"single-process worker failed (seed {seed}):\n{single.stderr[-5000:]}")
   out = json.loads((work / "single.json").read_text())
+  out["seed"] = seed
   out["multi_returncodes"] = [p.returncode for p in multi]
   out["multi_logs"] = multi_logs
   return out
@@ -170,6 +171,44 @@ def test_multi_process_run_matches_and_its_checkpoint_reshards(report):
   assert m["grad_leaves"] > 20
   assert m["loss_rel_err"] <= TOL and m["grad_rel_err"] <= TOL, m
   assert m["restore_max_abs_diff"] == 0.0
+
+
+def test_train_cli_mesh_resumes_on_other_meshes(report, tmp_path):
+  """The trainer on fsdp=4,data=2, resumed on tensor=2,data=4 (in the worker), then on one
+  device here, follows the one-device run step for step."""
+  import shutil
+
+  from rwkv_jax.training.config import TrainConfig
+  from rwkv_jax.training.trainer import run_training
+
+  r = report["trainer"]
+  args = r["train_args"]  # the worker's run settings, so both sides train the same model
+  assert r["meshes"] == ["data=2,fsdp=4,tensor=1", "data=4,fsdp=1,tensor=2"]
+  assert r["devices"] == [8, 8]
+  seed = report["seed"]
+  ref_out, resumed_out = tmp_path / "ref", tmp_path / "resumed"
+  run_training(TrainConfig(out=str(ref_out), steps=5, seed=seed, **args))
+  shutil.copytree(r["out"], resumed_out)
+  shutil.rmtree(resumed_out / "checkpoints" / "4")  # resume from step 2, saved on fsdp=4
+  resumed = run_training(TrainConfig(out=str(resumed_out), steps=5, seed=seed, resume=True,
+                                     **args))
+  assert resumed["mesh"] is None and resumed["devices"] == 1
+  ref = {}
+  for line in (ref_out / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "loss" in rec:
+      ref[rec["step"]] = rec["loss"]
+  mine = {int(k): v for k, v in r["losses"].items()}
+  assert sorted(mine) == [1, 2, 3, 4]
+  for step, loss in mine.items():
+    assert abs(loss - ref[step]) <= TOL * abs(ref[step]), (step, loss, ref[step])
+  here = {}
+  for line in (resumed_out / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "loss" in rec:
+      here[rec["step"]] = rec["loss"]
+  for step in (3, 4, 5):
+    assert abs(here[step] - ref[step]) <= TOL * abs(ref[step]), (step, here[step], ref[step])
 
 
 # ----------------------------------------------------------------------------- in process
