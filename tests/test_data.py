@@ -146,6 +146,13 @@ def test_hf_tokenizer_json(tmp_path):
   corpus.mkdir()
   _write(corpus / "1.txt", "a b a c")
   _write(corpus / "2.txt", "b b")
-  tokens, meta = build_token_cache(corpus, load_tokenizer(tmp_path / "tokenizer.json"))
+  path = tmp_path / "tokenizer.json"
+  tokens, meta = build_token_cache(corpus, load_tokenizer(path), path)
   np.testing.assert_array_equal(tokens, [2, 3, 2, 1, 0, 3, 3])
   assert meta["vocab_size"] == 4
+  # Swapping two ids in the tokenizer file invalidates the cache.
+  path.write_text(path.read_text().replace('"a": 2', '"a": 9').replace('"b": 3', '"a2": 3')
+                  .replace('"a": 9', '"b": 2').replace('"a2": 3', '"a": 3'))
+  tokens2, meta2 = build_token_cache(corpus, load_tokenizer(path), path)
+  assert meta2["key"] != meta["key"]
+  np.testing.assert_array_equal(tokens2, [3, 2, 3, 1, 0, 2, 2])

@@ -183,6 +183,29 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx_state(model)))
 
 
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+  import threading
+
+  out = tmp_path / "term"
+
+  def send_when_saved():
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "2").is_dir() and time.time() < deadline:
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  sender = threading.Thread(target=send_when_saved, daemon=True)
+  sender.start()
+  summary = run_training(TrainConfig(out=str(out), steps=400, save_every=2, eval_every=0,
+                                     **TINY))
+  sender.join()
+  assert summary["interrupted"] == "SIGTERM"
+  stopped = summary["steps"]
+  assert 2 <= stopped < 400
+  assert Checkpointer(out).latest_step() == stopped  # the step it stopped at is saved
+  assert summary["final_eval"] is None
+
+
 def nnx_state(model):
   from flax import nnx
 
