@@ -72,7 +72,7 @@ def make_train_step(graphdef, tx, *, z_loss: float = 0.0, implementation=None, g
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     metrics = {"loss": loss, "total_loss": total, "accuracy": acc,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return TrainState(params, opt_state, state.step + 1, rng), metrics
 
   return train_step
