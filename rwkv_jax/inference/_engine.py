@@ -60,7 +60,7 @@ def _hidden_with_state(model, tokens, state: RWKVState, implementation):
   return x, RWKVState.stack(layers)
 
 
-def _advance(model, tokens, state, implementation, chunk):
+def advance(model, tokens, state, implementation, chunk):
   """Consumes tokens (B, n) -> (hidden of the last token (B, C), state); n > chunk is
   processed as n / chunk consecutive parallel pieces (n and chunk are powers of two)."""
   n = tokens.shape[1]
@@ -103,7 +103,7 @@ def prefill_program(graphdef, params, tokens, lengths, state, *, implementation,
     def run(operands, size=size, take=take):
       state, last_x, pos = operands
       piece = gather(pos[:, None] + jnp.arange(size, dtype=jnp.int32))
-      x, new = _advance(model, piece, state, implementation, chunk)
+      x, new = advance(model, piece, state, implementation, chunk)
       return _select(take, new, state), jnp.where(take[:, None], x, last_x)
 
     state, last_x = jax.lax.cond(jnp.any(take), run, lambda ops: ops[:2], (state, last_x, pos))
