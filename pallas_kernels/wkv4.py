@@ -61,7 +61,7 @@ class BlockSizes:
   block_c_bwd: int = 64
   block_t_bwd: int = 8
   chunk_t: int | None = None
-  min_programs: int = 1024
+  min_programs: int = 256
   min_chunk_t: int = 256
   num_warps: int | None = None
   num_warps_bwd: int | None = None
