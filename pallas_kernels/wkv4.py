@@ -50,8 +50,10 @@ class BlockSizes:
     block_t: time steps per forward tile (the loads in flight per thread and array).
     block_c_bwd, block_t_bwd: the same for the backward; block_t_bwd is also the
       forward's checkpoint interval, so it must divide block_t.
-    chunk_t: T-chunk length (a multiple of block_t), or None to pick from the grid.
-    min_programs: with chunk_t None, T is cut until the grid has this many programs...
+    chunk_t: T-chunk length (a multiple of block_t), or None to pick from the grid:
+    min_programs: with fewer programs than this over B and C, T is cut into chunks
+      (a second pass over k, v: worth it only when B*C alone cannot fill the GPU) ...
+    chunk_programs: ... until the grid has this many programs ...
     min_chunk_t: ... but into chunks of at least this many steps.
     num_warps, num_warps_bwd: Triton warps per program; None = block_c / 32.
   """
@@ -62,6 +64,7 @@ class BlockSizes:
   block_t_bwd: int = 8
   chunk_t: int | None = None
   min_programs: int = 256
+  chunk_programs: int = 1024
   min_chunk_t: int = 256
   num_warps: int | None = None
   num_warps_bwd: int | None = None
@@ -85,7 +88,9 @@ class BlockSizes:
     chunk = self.chunk_t
     if chunk is None:
       programs = b * (c_pad // bc)
-      n = max(1, min(-(-self.min_programs // programs), t // self.min_chunk_t))
+      n = 1
+      if programs < self.min_programs:
+        n = max(1, min(-(-self.chunk_programs // programs), t // self.min_chunk_t))
       chunk = -(-t // n)
     chunk = -(-min(chunk, t) // self.block_t) * self.block_t
     warps = lambda nw, block: nw if nw is not None else max(1, min(block // 32, 8))
