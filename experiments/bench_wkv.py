@@ -126,7 +126,6 @@ SWEEP = [
     # T-chunks already below 1024 programs (B*C < 65536): 5 arrays moved instead of 3.
     BlockSizes(min_programs=1024),
     BlockSizes(block_c=32, block_c_bwd=32, min_programs=512),
-    BlockSizes(chunk_programs=4096, min_chunk_t=128),  # shorter chunks at small B*C
 ]
 
 
