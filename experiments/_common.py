@@ -105,6 +105,30 @@ def train_lm(model, batch_fn: Callable[[int], tuple], steps: int, *, lr: float =
   return hist, state.params, evaluate
 
 
+def _batch_range(batch_fn, start: int, stop: int, args) -> list:
+  return [batch_fn(i, *args) for i in range(start, stop)]
+
+
+def precompute_batches(batch_fn: Callable, steps: int, *args, workers: int | None = None):
+  """[batch_fn(i, *args) for i in range(steps)], built in parallel processes.
+
+  For host-side generators that are deterministic in the step (the synthetic task), so
+  several models can train on the same batches without paying for generation in the
+  loop. ``spawn`` processes: forking a process that holds JAX's threads is unsafe.
+  """
+  import concurrent.futures as cf
+  import multiprocessing as mp
+
+  workers = min(workers or os.cpu_count() or 1, 16, max(1, steps // 8))
+  if workers <= 1:
+    return _batch_range(batch_fn, 0, steps, args)
+  bounds = np.linspace(0, steps, workers * 4 + 1).astype(int)
+  with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    parts = pool.map(_batch_range, [batch_fn] * (len(bounds) - 1), bounds[:-1], bounds[1:],
+                     [args] * (len(bounds) - 1))
+    return [b for part in parts for b in part]
+
+
 # ---------------------------------------------------------------- decode timing
 
 

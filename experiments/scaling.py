@@ -17,7 +17,7 @@ whose lookup is a gather; ``rwkv_jax.training.metrics.matmul_params``), D = toke
     (alpha, beta) with (E, A, B) >= 0 solved linearly at each point, then a finer grid
     around the best (numpy only).
 
-  python experiments/scaling.py            # quick: CPU, 9 small runs, <= 15 min
+  python experiments/scaling.py            # quick: CPU, 20 small runs, <= 15 min
   python experiments/scaling.py --full     # GPU grid (see FULL)
 """
 
@@ -64,7 +64,10 @@ class SweepSettings:
   wkv_impl: str | None = None
 
 
-QUICK = SweepSettings(sizes=((1, 16), (1, 32), (2, 64)), tokens=(2**15, 2**16 + 2**15, 2**18))
+# Quick: the lax.scan WKV, which compiles ~3x faster than associative_scan on CPU (the
+# compile dominates runs this small); the numbers are the same either way.
+QUICK = SweepSettings(sizes=((1, 16), (1, 32), (2, 48), (2, 96)),
+                      tokens=(2**15, 2**16, 2**17, 2**18, 2**19), wkv_impl="scan")
 FULL = SweepSettings(sizes=((2, 64), (2, 128), (4, 128), (4, 256), (6, 384), (8, 512)),
                      tokens=(2**20, 2**22, 2**24), ctx_len=256, batch_size=32, lr=1e-3,
                      eval_size=512)

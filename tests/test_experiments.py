@@ -226,3 +226,42 @@ def test_sweep_skips_finished_runs_and_continues_a_killed_sweep(tmp_path):
     scaling.run_sweep(runs, changed, data, out, train_fn=fake_train, log=lambda s: None)
   analysis = scaling.analyse(records)
   assert analysis["frontier"] and "nd_fit" in analysis and "compute_fit" in analysis
+
+
+# ---------------------------------------------------------------- character-level LM
+
+
+def test_enwik8_split_is_the_standard_one(tmp_path, rng):
+  from experiments import char_lm
+  from rwkv_jax.data.text import TextData
+  from rwkv_jax.tokenizers import ByteTokenizer
+
+  text = "".join(rng.choice(list("abcdefgh <>&\n")) for _ in range(870)) + "é" * 40  # 950 B
+  raw = text.encode() + bytes(rng.integers(1, 256, 50, dtype=np.uint8))  # test: any bytes
+  src = tmp_path / "enwik8"
+  src.write_bytes(raw)
+  path, val_fraction, test = char_lm.prepare_enwik8(src, tmp_path / "work", (900, 50, 50))
+  data = TextData(path, ByteTokenizer(), ctx_len=8, val_fraction=val_fraction)
+  assert bytes(np.asarray(data.train_tokens, np.uint8)) == raw[:900]
+  assert bytes(np.asarray(data.val_tokens, np.uint8)) == raw[900:950]
+  assert test.tobytes() == raw[950:]
+  with pytest.raises(ValueError, match="standard enwik8 split needs exactly"):
+    char_lm.prepare_enwik8(src, tmp_path / "work", (900, 50, 51))
+
+
+def test_bits_per_byte_scores_every_byte_once(rng):
+  from experiments import char_lm
+  from rwkv_jax import RWKV, RWKVConfig
+
+  model = RWKV(RWKVConfig.preset("tiny", vocab_size=256, n_layer=1, n_embd=16,
+                                 wkv_impl="scan"), rngs=nnx.Rngs(0))
+  data = rng.integers(0, 256, 45).astype(np.uint8)  # 44 predictions: 5 windows of 8, one of 4
+  got = char_lm.bits_per_byte(model, data, ctx_len=8, batch_size=4)
+  assert got["bytes"] == 44
+  logits = nnx.jit(lambda m, x: m(x))
+  full = jnp.asarray(data[:40].reshape(5, 8), jnp.int32)  # windows from an empty state
+  logp = [jax.nn.log_softmax(logits(model, full), -1),
+          jax.nn.log_softmax(logits(model, jnp.asarray(data[None, 40:44], jnp.int32)), -1)]
+  ce = [-float(logp[0][w, t, data[8 * w + t + 1]]) for w in range(5) for t in range(8)]
+  ce += [-float(logp[1][0, t, data[40 + t + 1]]) for t in range(4)]
+  assert abs(got["bpc"] - np.mean(ce) / np.log(2)) < 1e-5
