@@ -213,6 +213,29 @@ def nnx_state(model):
   return nnx.state(model)
 
 
+def test_text_run_then_fine_tune_with_init_from(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  (corpus / "a.txt").write_text("the cat sat on the mat. " * 80)
+  (corpus / "b.txt").write_text("a dog ran in the fog. " * 80)
+  base = dict(TINY, n_layer=None, n_embd=None, eval_size=8)
+  first = run_training(TrainConfig(out=str(tmp_path / "text"), steps=30, lr=1e-2,
+                                   data=str(corpus), eval_every=0, save_every=0, **base,
+                                   preset="tiny"))
+  ev = first["final_eval"]
+  assert set(ev) == {"loss", "accuracy", "bits_per_token", "bits_per_byte"}
+  assert ev["bits_per_byte"] == pytest.approx(ev["loss"] / np.log(2) * 3681 / 3680,
+                                              rel=1e-6)  # 2 documents, 1 EOT token
+  assert ev["loss"] < np.log(256) - 1.5
+  assert len(list((corpus / ".rwkv-jax-cache").glob("*.tokens"))) == 1
+  tuned = run_training(TrainConfig(out=str(tmp_path / "ft"), steps=2, lr=1e-9,
+                                   data=str(corpus), init_from=str(tmp_path / "text"),
+                                   eval_every=0, save_every=0, **dict(base, warmup=0)))
+  assert tuned["params"] == first["params"]
+  lines = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+  assert lines[0]["loss"] < np.log(256) - 1.5  # starts from the trained weights
+
+
 def test_init_from_checks_the_data_vocabulary(trained, tmp_path):
   text = tmp_path / "t.txt"
   text.write_text("hello world, " * 40)
