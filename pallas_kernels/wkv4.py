@@ -43,7 +43,7 @@ def _pow2(x: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of the WKV-4 kernels (defaults tuned on an H100, see experiments/RESULTS.md).
+  """Tile sizes of the WKV-4 kernels (defaults picked from H100 runs: experiments/RESULTS.md).
 
   Attributes:
     block_c: channels per forward program (one per thread: num_warps = block_c / 32).
