@@ -19,6 +19,8 @@ Leaves that match no parameter (step counters, scalars) are replicated.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import os
 import warnings
@@ -43,6 +45,9 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 _warned: set[str] = set()
+# The mesh a step is being traced for (see ``traced_on_mesh``); None outside.
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "rwkv_jax_active_mesh", default=None)
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -254,6 +259,49 @@ def abstract_on_device(tree, device=None):
   return abstract_tree(tree, jax.tree.map(lambda _: one, tree))
 
 
+def traced_on_mesh(fn, mesh: Mesh | None):
+  """``fn`` whose tracing sees ``mesh`` (wrap it before ``jax.jit``), so that WKV kernels
+  XLA cannot split run per shard (``per_shard_wkv``). Identity for ``mesh=None``."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _ACTIVE_MESH.reset(token)
+  return wrapped
+
+
+def per_shard_wkv(wkv_fn, w, u, k, v, state=None):
+  """Runs ``wkv_fn(w, u, k, v, state) -> (y, WKVState)`` on each shard of the mesh being
+  traced for: batch over the table's ``batch`` axes, channels over its ``att`` axis.
+
+  For the Pallas kernel: a custom call is opaque to XLA's partitioner, which would gather
+  k and v onto every device and run the whole WKV on each. WKV is independent per
+  (sequence, channel), so running it on the local block is exact and needs no
+  communication; the gradients of w and u (shared over the batch) are summed over the
+  batch axes by shard_map's transpose. Outside ``traced_on_mesh`` it just calls wkv_fn.
+  """
+  mesh = _ACTIVE_MESH.get()
+  if mesh is None or mesh.size == 1:
+    return wkv_fn(w, u, k, v, state)
+  from rwkv_jax.ops import WKVState  # rwkv_jax.ops imports this module lazily
+
+  b, _, c = k.shape
+  if state is None:
+    state = WKVState.zeros(b, c)
+  seq = logical_to_mesh_spec(("batch", None, "att"), k.shape, mesh)
+  vec = logical_to_mesh_spec(("att",), (c,), mesh)
+  st = P(seq[0], seq[2])
+  run = jax.shard_map(lambda *a: wkv_fn(*a[:4], WKVState(*a[4:])), mesh=mesh,
+                      in_specs=(vec, vec, seq, seq, st, st, st),
+                      out_specs=(seq, WKVState(st, st, st)), check_vma=False)
+  return run(w, u, k, v, *WKVState(*state))
+
+
 # ----------------------------------------------------------------------------- batches
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -363,5 +411,6 @@ __all__ = [
     "batch_sharding", "batch_shards", "compute_gather", "distributed_env", "is_main_process",
     "local_batch_indices", "logical_axes", "logical_to_mesh_spec", "make_mesh",
     "maybe_initialize_distributed", "mesh_description", "param_shardings", "parse_mesh_spec",
-    "place_batch", "shard_model", "state_shardings", "tree_shardings",
+    "per_shard_wkv", "place_batch", "shard_model", "state_shardings", "traced_on_mesh",
+    "tree_shardings",
 ]

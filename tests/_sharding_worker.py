@@ -78,7 +78,8 @@ def sharded_step(graphdef, params, mesh, implementation=None):
   p_sh = sh.param_shardings(params, mesh)
   o_sh = sh.state_shardings(jax.eval_shape(TX.init, params), mesh, params)
   b_sh = sh.batch_sharding(mesh)
-  step = jax.jit(make_step(graphdef, sh.compute_gather(mesh, params), implementation),
+  step = jax.jit(sh.traced_on_mesh(make_step(graphdef, sh.compute_gather(mesh, params),
+                                             implementation), mesh),
                  in_shardings=(p_sh, o_sh, b_sh, b_sh),
                  out_shardings=(NamedSharding(mesh, P()), p_sh, p_sh, o_sh))
   return step, p_sh, o_sh
@@ -211,6 +212,22 @@ def check_equality(graphdef, params, inputs, targets) -> tuple[dict, dict]:
   return report, {"ref": ref, "saved": saved}
 
 
+def check_pallas_per_shard(graphdef, params, inputs, targets, ref) -> dict:
+  """The Pallas WKV (interpreted on CPU) under tensor=2,fsdp=2,data=2: traced_on_mesh
+  makes it run per shard inside shard_map (on a GPU its custom call would otherwise be
+  gathered and replicated); the step must still equal one device."""
+  mesh = sh.make_mesh("tensor=2,fsdp=2,data=2")
+  fn, p_sh, o_sh = sharded_step(graphdef, params, mesh, implementation="pallas")
+  opt = TX.init(params)
+  lowered = fn.lower(params, opt, inputs, targets).as_text()
+  loss, grads, _, _ = fn(jax.device_put(params, p_sh), jax.device_put(opt, o_sh),
+                         *sh.place_batch((inputs, targets), mesh))
+  return {"loss_rel_err": abs(float(loss) - float(ref[0])) / abs(float(ref[0])),
+          "grad_rel_err": max_rel_err(grads, ref[1]),
+          "shard_map_regions": len(re.findall(r"SPMDFullToShardShape|manual_computation",
+                                              lowered))}
+
+
 def check_resharding(saved, workdir: Path) -> dict:
   """Saves (params, opt_state) sharded as fsdp=4,data=2 and restores them under other
   meshes by giving orbax abstract arrays that carry the new shardings."""
@@ -286,6 +303,7 @@ def run_single(seed: int, workdir: Path):
   graphdef, params, inputs, targets = setup(seed)
   report, state = check_equality(graphdef, params, inputs, targets)
   out = {"equality": report, "resharding": check_resharding(state["saved"], workdir)}
+  out["pallas"] = check_pallas_per_shard(graphdef, params, inputs, targets, state["ref"])
   out["wkv_hlo"] = {impl: wkv_collectives(graphdef, params, impl)
                     for impl in ("scan", "associative_scan")}
   out["model_hlo"] = model_forward_collectives(graphdef, params, inputs)

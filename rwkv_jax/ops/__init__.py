@@ -21,8 +21,11 @@ IMPLEMENTATIONS = ("scan", "associative_scan", "pallas")
 
 def _wkv_pallas(w, u, k, v, state=None):
   from pallas_kernels.wkv4 import wkv4  # imported lazily: Pallas is only needed here
+  from rwkv_jax.sharding import per_shard_wkv
 
-  return wkv4(w, u, k, v, state, interpret=jax.default_backend() != "gpu")
+  # Under a mesh, per shard: XLA cannot partition the kernel's custom call.
+  kernel = lambda *a: wkv4(*a, interpret=jax.default_backend() != "gpu")
+  return per_shard_wkv(kernel, w, u, k, v, state)
 
 
 _IMPLS = {

@@ -260,11 +260,12 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
       state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state),
                              state_sh)
   n_devices = 1 if mesh is None else mesh.size
+  on_mesh = lambda fn: sharding.traced_on_mesh(fn, mesh)  # the Pallas WKV runs per shard
   train_step = compile_train_step(
-      make_train_step(graphdef, tx, z_loss=cfg.z_loss, gather=gather),
+      on_mesh(make_train_step(graphdef, tx, z_loss=cfg.z_loss, gather=gather)),
       state_shardings=state_sh, batch_shardings=batch_sh)
   eval_step = compile_eval_step(
-      make_eval_step(graphdef, gather=gather),
+      on_mesh(make_eval_step(graphdef, gather=gather)),
       param_shardings=None if state_sh is None else state_sh.params, batch_shardings=batch_sh)
   log = (M.MetricsLog(out, resume_step=start if resuming else None,
                       tensorboard=cfg.tensorboard) if main else _NoLog())
