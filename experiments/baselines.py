@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax.layers import Dense, LayerNorm, matmul, param
-from rwkv_jax.model import check_tokens
+from rwkv_jax.layers import Dense, LayerNorm, param
+from rwkv_jax.model import RWKV
 
 
 def _positive_ints(obj, names):
@@ -94,13 +94,9 @@ class _TokenIO(nnx.Module):
     self.ln_out = LayerNorm(c_out, eps)
     self.head = param(_normal(rngs, (c_out, vocab), 0.5 / np.sqrt(c_out)), ("embed", "vocab"))
 
-  def embed(self, tokens):  # B T -> B T C float32
-    check_tokens(tokens, self.cfg.vocab_size)
-    x = jnp.take(self.emb[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
-    return self.ln0(x)
-
-  def logits(self, x):  # B T C -> B T V float32
-    return matmul(self.ln_out(x), self.head[...], self.cfg.dtype)
+  # RWKV's own functions (they read only emb, ln0, ln_out, head and cfg): one code path.
+  embed = RWKV.embed    # tokens B T -> B T C float32 (token ids checked)
+  logits = RWKV.logits  # B T C -> B T V float32
 
   def __call__(self, tokens, *, implementation: str | None = None):
     """tokens (B, T) int -> logits (B, T, V) float32, from an empty state.

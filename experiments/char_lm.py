@@ -21,7 +21,6 @@ bpc = mean cross-entropy / ln 2 over the predicted bytes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
