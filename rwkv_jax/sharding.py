@@ -5,10 +5,12 @@ so one table serves every strategy:
 
   data    data parallel: the batch is split, parameters are replicated.
   fsdp    fully sharded data parallel: the batch is split AND parameters/optimizer
-          state are split over their ``embed`` dimension; XLA gathers them per layer.
+          state are split over their ``embed`` dimension; inside the step
+          ``compute_gather`` has XLA all-gather each weight where it is used.
   tensor  tensor parallel: the channel dimension of R/K/V/W_o, the FFN hidden dimension
           and the vocabulary are split. WKV is channel-wise, so it runs with no
-          communication (tests/test_sharding.py inspects the compiled HLO for this).
+          communication (tests/test_sharding.py inspects the compiled HLO for this); the
+          Pallas kernel runs per shard in ``shard_map`` (``per_shard_wkv``).
 
 Parameters carry logical axis names in their ``out_sharding`` metadata
 (``rwkv_jax.layers.param``). Optimizer states (optax, ``nnx.Optimizer``) mirror the
