@@ -111,7 +111,7 @@ def bits_per_byte(model, data: np.ndarray, ctx_len: int, batch_size: int = 8) ->
     out = jax.device_get(step(params, batch))
     tot += [float(out["loss_sum"]), float(out["count"])]
   loss = tot[0] / tot[1]
-  return {"loss": loss, "bpc": loss / math.log(2), "bytes": int(tot[1])}
+  return {"loss": float(loss), "bpc": float(loss / math.log(2)), "bytes": int(tot[1])}
 
 
 def run(setting: str, out: Path, *, data: Path | None = None, enwik8: Path | None = None,

@@ -3,8 +3,9 @@
 Source: shared/seeds/benchmark-rwkv-transformer-lstm.txt. Synthetic next-token prediction
 (``rwkv_jax.data.SyntheticTask``: vocabulary 64, sequences of 32..256 tokens, noisy
 repeating motifs), 4 layers at width 128 (RWKV dim_ffn 512; Transformer 4 heads, FFN 512;
-LSTM hidden 128), AdamW b=(0.9, 0.95), lr 1e-3 with cosine decay to 0, batch 32, global-norm
-clip 1.0, one training loop for all three (``experiments._common.train_lm``).
+LSTM hidden 128), AdamW b=(0.9, 0.95) with weight decay 0.01 (torch's default; the seed
+names none) on matrices, lr 1e-3 with cosine decay to 0, batch 32, global-norm clip 1.0,
+one training loop for all three (``experiments._common.train_lm``).
 
 Measures: final train/test loss and test accuracy; per-token greedy decode latency at
 context lengths 32 .. 16K with each model's own decode (RWKV recurrent state, Transformer
