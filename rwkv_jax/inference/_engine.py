@@ -6,8 +6,9 @@ a second model of the same architecture, does not recompile.
 
 Ragged prefill. Prompts of different lengths are right-padded to a power of two Tb, and
 each sequence consumes its own length n_b as the binary expansion of n_b: for
-j = log2(Tb) .. 0, every sequence whose bit j is set advances by the next 2^j of its own
-tokens in one parallel forward (the others keep their state, selected with ``where``).
+j = log2(Tb) down to log2(min_parallel), every sequence whose bit j is set advances by the
+next 2^j of its own tokens in one parallel forward (the others keep their state, selected
+with ``where``).
 Padding never enters a state, and a sequence's state is the composition of parallel
 forwards over consecutive pieces of its own prompt, which equals one forward over the whole
 prompt (state carry is exact up to float rounding). Work is at most 2x one pass over Tb;
@@ -62,8 +63,10 @@ def _hidden_with_state(model, tokens, state: RWKVState, implementation):
 
 def advance(model, tokens, state, implementation, chunk):
   """Consumes tokens (B, n) -> (hidden of the last token (B, C), state); n > chunk is
-  processed as n / chunk consecutive parallel pieces (n and chunk are powers of two)."""
+  processed as n / chunk consecutive parallel pieces (chunk must divide n)."""
   n = tokens.shape[1]
+  if n > chunk and n % chunk:
+    raise ValueError(f"advance: chunk {chunk} does not divide the {n} tokens")
   if n <= chunk:
     x, state = _hidden_with_state(model, tokens, state, implementation)
     return x[:, -1], state

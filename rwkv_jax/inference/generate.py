@@ -40,6 +40,9 @@ class GenerateOutput(NamedTuple):
 
 def as_batch(prompts, vocab_size: int) -> tuple[list[np.ndarray], bool]:
   """A prompt (ints) or a batch of prompts -> (list of 1-D int32 arrays, was_single)."""
+  if isinstance(prompts, (str, bytes)) or (
+      isinstance(prompts, (list, tuple)) and any(isinstance(p, (str, bytes)) for p in prompts)):
+    raise ValueError("prompts must be token ids: encode text with a tokenizer first")
   if isinstance(prompts, (np.ndarray, jax.Array)):
     arr = np.asarray(prompts)
     if arr.ndim not in (1, 2):
