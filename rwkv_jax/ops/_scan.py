@@ -68,6 +68,10 @@ def wkv_scan_reference(w, u, k, v, state=None):
   out_dtype = v.dtype
   w, u, k, v, state = check_wkv_inputs(w, u, k, v, state)
   zero = jnp.zeros_like(state.num)
+  # Broadcast w, u to (B, C) outside the loop: their gradients then sum over the batch
+  # once after the backward scan, not on every step (an all-reduce per step when the
+  # batch is sharded).
+  w, u = jnp.broadcast_to(w, zero.shape), jnp.broadcast_to(u, zero.shape)
 
   def body(carry, kv):
     y, s, comp = _step(w, u, kv[0], kv[1], *carry)
