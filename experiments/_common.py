@@ -181,6 +181,28 @@ def time_decode(model, state, n_steps: int, repeats: int, seed: int = 0) -> dict
           "repeats": repeats, "compiled_memory": mem_d}
 
 
+def time_train_steps(step_fn, state, batches, warmup: int, steps: int):
+  """Compile, warm up, then time ``steps`` calls of ``state, metrics = step_fn(state, b)``,
+  alternating the given batches (never one input timed twice in a row).
+
+  Returns (state, compile seconds, per-step seconds, last loss).
+  """
+  t0 = time.perf_counter()
+  state, m = step_fn(state, batches[0])
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup):
+    state, m = step_fn(state, batches[(i + 1) % len(batches)])
+  jax.block_until_ready((state, m))
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    state, m = step_fn(state, batches[i % len(batches)])
+    jax.block_until_ready((state.params, m))
+    times.append(time.perf_counter() - t0)
+  return state, compile_s, times, float(m["loss"])
+
+
 def device_bytes_in_use() -> int | None:
   """Bytes in use on the first device (None where the backend keeps no stats, e.g. CPU)."""
   stats = jax.devices()[0].memory_stats()

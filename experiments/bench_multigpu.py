@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments._common import machine, print_table, write_json  # noqa: E402
+from experiments._common import machine, print_table, time_train_steps, write_json  # noqa: E402
 from rwkv_jax import RWKV, RWKVConfig, sharding  # noqa: E402
 from rwkv_jax.training import metrics as M  # noqa: E402
 from rwkv_jax.training.optim import make_optimizer  # noqa: E402
@@ -53,20 +53,7 @@ def bench(cfg: RWKVConfig, n: int, batch_per_device: int, steps: int, warmup: in
     tok = rng.integers(0, cfg.vocab_size, (batch, cfg.ctx_len + 1), dtype=np.int32)
     mask = np.ones((batch, cfg.ctx_len), np.float32)
     batches.append(sharding.place_batch((tok[:, :-1], tok[:, 1:], mask), mesh))
-  t0 = time.perf_counter()
-  state, m = step(state, batches[0])
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for i in range(warmup):
-    state, m = step(state, batches[(i + 1) % 2])
-  jax.block_until_ready((state, m))
-  times = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    state, m = step(state, batches[i % 2])
-    jax.block_until_ready((state.params, m))
-    times.append(time.perf_counter() - t0)
-  loss = float(m["loss"])
+  state, compile_s, times, loss = time_train_steps(step, state, batches, warmup, steps)
   peak = [d.memory_stats() or {} for d in mesh.devices.flat]
   peak_gib = max((s.get("peak_bytes_in_use", 0) for s in peak), default=0) / 2**30 or None
   del state, batches

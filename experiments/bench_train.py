@@ -20,12 +20,15 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments._common import time_train_steps  # noqa: E402
 from rwkv_jax import RWKV, RWKVConfig
 from rwkv_jax.training import metrics as M
 from rwkv_jax.training.optim import make_optimizer
@@ -42,20 +45,7 @@ def bench(cfg: RWKVConfig, batch_size: int, steps: int, warmup_steps: int, seed:
     tok = rng.integers(0, cfg.vocab_size, (batch_size, cfg.ctx_len + 1), dtype=np.int32)
     batches.append((jnp.asarray(tok[:, :-1]), jnp.asarray(tok[:, 1:]),
                     jnp.ones((batch_size, cfg.ctx_len), jnp.float32)))
-  t0 = time.perf_counter()
-  state, m = step_fn(state, batches[0])
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for i in range(warmup_steps):
-    state, m = step_fn(state, batches[i % 2])
-  jax.block_until_ready((state, m))
-  times = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    state, m = step_fn(state, batches[i % 2])
-    jax.block_until_ready((state.params, m))
-    times.append(time.perf_counter() - t0)
-  loss = float(m["loss"])
+  state, compile_s, times, loss = time_train_steps(step_fn, state, batches, warmup_steps, steps)
   mem = None
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
