@@ -15,7 +15,10 @@ from rwkv_jax.state import RWKVState
 
 
 def _normal(rngs: nnx.Rngs, shape, std):
-  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  # The barrier (identity) stops XLA from folding std into normal()'s own sqrt(2) factor
+  # when init runs inside jit (the trainer's init on a mesh): the bits then equal the
+  # eager init's.
+  return std * jax.lax.optimization_barrier(jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
 def _token_shift(x, last):

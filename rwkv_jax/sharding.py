@@ -311,6 +311,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",)))
 
 
+def rnn_state_sharding(mesh: Mesh) -> NamedSharding:
+  """Recurrent state fields (L, B, C): the batch split like the tokens; layers and
+  channels whole on each device (a decode step's state is small next to the weights)."""
+  return NamedSharding(mesh, logical_to_mesh_spec((None, "batch", None)))
+
+
 def batch_shards(mesh: Mesh) -> int:
   """How many ways the batch is split (data * fsdp)."""
   spec = logical_to_mesh_spec(("batch",))[0]
@@ -413,6 +419,6 @@ __all__ = [
     "batch_sharding", "batch_shards", "compute_gather", "distributed_env", "is_main_process",
     "local_batch_indices", "logical_axes", "logical_to_mesh_spec", "make_mesh",
     "maybe_initialize_distributed", "mesh_description", "param_shardings", "parse_mesh_spec",
-    "per_shard_wkv", "place_batch", "shard_model", "state_shardings", "traced_on_mesh",
-    "tree_shardings",
+    "per_shard_wkv", "place_batch", "rnn_state_sharding", "shard_model", "state_shardings",
+    "traced_on_mesh", "tree_shardings",
 ]

@@ -168,6 +168,36 @@ def test_model_forward_has_no_collective_inside_wkv_loops(report):
   assert inside == [], inside
 
 
+@pytest.mark.parametrize("spec", ["data=8", "tensor=2,fsdp=2,data=2"])
+def test_generate_on_mesh_matches_one_device(report, spec):
+  """Greedy generate(mesh=...) gives the one-device tokens; the final states agree within
+  TOL (norm-wise per field) and come back split over the batch axes."""
+  r = report["generate"]
+  got = r[spec]
+  assert got["tokens"] == r["ref_tokens"]
+  assert got["lengths"] == [len(t) for t in r["ref_tokens"]]
+  assert got["state_rel_err"] <= TOL, got["state_rel_err"]
+  assert got["logits_rel_err"] <= TOL, got["logits_rel_err"]
+  assert got["state_spec"] == [None, ["data", "fsdp"], None]
+  assert got["logits_spec"][0] == ["data", "fsdp"]
+
+
+def test_generate_on_mesh_rejects_indivisible_batch(report):
+  assert "3 prompt(s) cannot be split over the mesh's 8 batch shards" in (
+      report["generate"]["indivisible_error"] or "")
+
+
+def test_fresh_train_state_is_created_sharded_and_equals_one_device(report):
+  """init_state_on_mesh (the trainer's init under --mesh) gives the one-device init's
+  exact bits, already placed as the table says (no device held the whole state)."""
+  r = report["init_on_mesh"]
+  assert r["leaves"] > 20
+  assert r["bitwise_equal"]
+  for path, (spec, shard) in _EXPECTED.items():
+    assert r["params"][path] == [spec, shard], (path, r["params"][path])
+    assert r["opt_state"]["0/mu/" + path] == [spec, shard], path
+
+
 def test_multi_process_run_matches_and_its_checkpoint_reshards(report):
   assert report["multi_returncodes"] == [0, 0], report["multi_logs"]
   m = report.get("multi")

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rwkv_jax.inference.sampling import SamplingConfig, sample
 from rwkv_jax.state import RWKVState
@@ -92,7 +93,11 @@ def prefill_program(graphdef, params, tokens, lengths, state, *, implementation,
   a GPU, and saves compiling one forward per small power of two).
   Returns (next-token logits (B, V) float32 at each sequence's last prompt token, state).
   """
-  model = nnx.merge(graphdef, params)
+  return _prefill_body(nnx.merge(graphdef, params), tokens, lengths, state, implementation,
+                       chunk, min_parallel)
+
+
+def _prefill_body(model, tokens, lengths, state, implementation, chunk, min_parallel):
   batch, t_pad = tokens.shape
   pos = jnp.zeros((batch,), jnp.int32)
   last_x = jnp.zeros((batch, model.cfg.n_embd), jnp.float32)
@@ -154,6 +159,11 @@ def decode_program(graphdef, params, carry: DecodeCarry, key, limit, stops, pad_
   serves them all. Inactive sequences emit ``pad_id`` and keep their state and logits.
   Returns (carry, tokens (B, steps) int32, active (B, steps) bool).
   """
+  return _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, sampling,
+                      unroll)
+
+
+def _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, sampling, unroll):
   dtype = nnx.merge(graphdef, params).cfg.dtype
   model = nnx.merge(graphdef, cast_matmul_weights(params, dtype))
 
@@ -177,3 +187,66 @@ def decode_program(graphdef, params, carry: DecodeCarry, key, limit, stops, pad_
   carry, (tokens, active) = jax.lax.scan(body, carry, None, length=steps, unroll=unroll)
   return carry, tokens.T, active.T
 
+
+
+# ----------------------------------------------------------------------------- on a mesh
+# The same programs jitted with explicit shardings: parameters as the rules table says,
+# every per-sequence array (tokens, lengths, states (L, B, C), logits, flags) split over the
+# table's batch axes, scalars and keys replicated. Static options come first, positionally
+# (jit takes no keyword arguments together with in_shardings); jit's cache is keyed by the
+# function and the shardings, so building the jit object per call does not recompile.
+
+def _gathered(mesh, params):
+  """Parameters pinned to the layout they are computed in (FSDP shards gathered per use,
+  as in training), so XLA splits the activations by rows rather than by channels."""
+  from rwkv_jax import sharding as sh
+
+  return sh.compute_gather(mesh, params)(params)
+
+
+def _prefill_on_mesh(mesh, graphdef, implementation, chunk, min_parallel, params, tokens,
+                     lengths, state):
+  from rwkv_jax import sharding as sh
+
+  run = sh.traced_on_mesh(_prefill_body, mesh)  # a Pallas WKV runs per shard
+  return run(nnx.merge(graphdef, _gathered(mesh, params)), tokens, lengths, state,
+             implementation, chunk, min_parallel)
+
+
+def _decode_on_mesh(mesh, graphdef, steps, sampling, unroll, params, carry, key, limit, stops,
+                    pad_id):
+  return _decode_body(graphdef, _gathered(mesh, params), carry, key, limit, stops,
+                      pad_id, steps, sampling, unroll)
+
+
+def mesh_shardings(mesh, params, penalties: bool = False):
+  """(parameter shardings, per-sequence sharding, RWKVState of shardings, DecodeCarry of
+  shardings (``counts`` only with ``penalties``), replicated sharding) on ``mesh``."""
+  from rwkv_jax import sharding as sh
+
+  rows = sh.batch_sharding(mesh)
+  state = RWKVState(*(sh.rnn_state_sharding(mesh) for _ in RWKVState._fields))
+  rep = NamedSharding(mesh, P())
+  carry = DecodeCarry(state, rows, rows, rows if penalties else None, rep)
+  return sh.param_shardings(params, mesh), rows, state, carry, rep
+
+
+def prefill_on_mesh(mesh, graphdef, params, tokens, lengths, state, *, implementation, chunk,
+                    min_parallel):
+  """``prefill_program`` on ``mesh``; the arguments must already lie as
+  ``mesh_shardings`` says (``generate`` places them)."""
+  p_sh, rows, st, _, _ = mesh_shardings(mesh, params)
+  run = jax.jit(_prefill_on_mesh, static_argnums=(0, 1, 2, 3, 4),
+                in_shardings=(p_sh, rows, rows, st), out_shardings=(rows, st))
+  return run(mesh, graphdef, implementation, chunk, min_parallel, params, tokens, lengths,
+             state)
+
+
+def decode_on_mesh(mesh, graphdef, params, carry: DecodeCarry, key, limit, stops, pad_id, *,
+                   steps, sampling: SamplingConfig, unroll: int = 1):
+  """``decode_program`` on ``mesh``: tokens and active flags come back split by rows."""
+  p_sh, rows, _, carry_sh, rep = mesh_shardings(mesh, params, carry.counts is not None)
+  run = jax.jit(_decode_on_mesh, static_argnums=(0, 1, 2, 3, 4),
+                in_shardings=(p_sh, carry_sh, rep, rep, rep, rep),
+                out_shardings=(carry_sh, rows, rows))
+  return run(mesh, graphdef, steps, sampling, unroll, params, carry, key, limit, stops, pad_id)

@@ -7,6 +7,7 @@ step i with ``fold_in(key, i)``, so for one key they produce the same tokens.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
@@ -15,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.inference._engine import (
-    DecodeCarry, decode_program, prefill_program, stop_array)
+    DecodeCarry, decode_on_mesh, decode_program, mesh_shardings, prefill_on_mesh,
+    prefill_program, stop_array)
 from rwkv_jax.inference.sampling import SamplingConfig
 from rwkv_jax.state import RWKVState
 
@@ -114,7 +116,18 @@ def _check_tokens_arg(ids, vocab_size: int, what: str) -> tuple[int, ...]:
   return ids
 
 
-def _prefill(model, seqs, state, implementation, tokens_per_call, min_parallel):
+def _check_mesh(mesh, batch: int):
+  if mesh is None:
+    return
+  from rwkv_jax import sharding as sh
+
+  if batch % sh.batch_shards(mesh):
+    raise ValueError(f"{batch} prompt(s) cannot be split over the mesh's "
+                     f"{sh.batch_shards(mesh)} batch shards ({sh.mesh_description(mesh)}); "
+                     "give a multiple of that many prompts")
+
+
+def _prefill(model, seqs, state, implementation, tokens_per_call, min_parallel, mesh=None):
   if isinstance(min_parallel, bool) or not isinstance(min_parallel, int) or min_parallel < 1 \
       or min_parallel & (min_parallel - 1):
     raise ValueError(f"min_parallel must be a power of two >= 1, got {min_parallel!r}")
@@ -123,15 +136,25 @@ def _prefill(model, seqs, state, implementation, tokens_per_call, min_parallel):
   batch, t_pad = tokens.shape
   chunk = 1 << max(int(tokens_per_call) // batch, 1).bit_length() - 1
   state = _check_state(model, state, batch)
-  logits, state = prefill_program(graphdef, params, tokens, lengths, state,
-                                  implementation=implementation, chunk=min(chunk, t_pad),
-                                  min_parallel=min_parallel)
+  options = dict(implementation=implementation, chunk=min(chunk, t_pad),
+                 min_parallel=min_parallel)
+  if mesh is None:
+    logits, state = prefill_program(graphdef, params, tokens, lengths, state, **options)
+    return graphdef, params, logits, state
+  # Every process holds all prompts, so device_put places each process's shards.
+  _check_mesh(mesh, batch)
+  p_sh, rows, st, _, _ = mesh_shardings(mesh, params)
+  params = jax.device_put(params, p_sh)
+  tokens, lengths = jax.device_put((tokens, lengths), rows)
+  state = jax.device_put(RWKVState(*(np.asarray(x) for x in state)), st)
+  logits, state = prefill_on_mesh(mesh, graphdef, params, tokens, lengths, state, **options)
   return graphdef, params, logits, state
 
 
 def prefill(model, prompts, state: RWKVState | None = None, *,
             implementation: str | None = None,
-            tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL):
+            tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL,
+            mesh=None):
   """Consumes prompts of any lengths in parallel mode.
 
   Args:
@@ -142,12 +165,13 @@ def prefill(model, prompts, state: RWKVState | None = None, *,
     tokens_per_call: at most about this many B * T tokens per parallel forward.
     min_parallel: a power of two; each prompt's last (length mod min_parallel) tokens go
       through the recurrent step instead of small parallel forwards (1: all parallel).
+    mesh: run on this ``jax.sharding.Mesh`` (see ``generate``); None: one device.
 
   Returns: (next-token logits (B, V) float32, the state after each prompt).
   """
   seqs, _ = as_batch(prompts, model.cfg.vocab_size)
   _, _, logits, state = _prefill(model, seqs, state, implementation, tokens_per_call,
-                                 min_parallel)
+                                 min_parallel, mesh)
   return logits, state
 
 
@@ -158,10 +182,11 @@ class _Setup(NamedTuple):
   key: jax.Array
   options: dict
   single: bool
+  mesh: object
 
 
 def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens, pad_id,
-           implementation, tokens_per_call, min_parallel) -> _Setup:
+           implementation, tokens_per_call, min_parallel, mesh=None) -> _Setup:
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -172,19 +197,31 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
   seqs, single = as_batch(prompts, vocab)
   stop_tokens = _check_tokens_arg(stop_tokens, vocab, "stop_tokens")
   graphdef, params, logits, state = _prefill(model, seqs, state, implementation,
-                                             tokens_per_call, min_parallel)
+                                             tokens_per_call, min_parallel, mesh)
   batch = len(seqs)
   counts = jnp.zeros((batch, vocab), jnp.int32) if sampling.uses_penalties else None
   carry = DecodeCarry(state, logits, jnp.zeros((batch,), bool), counts, jnp.int32(0))
+  if mesh is not None:
+    _, _, _, carry_sh, _ = mesh_shardings(mesh, params, counts is not None)
+    carry = jax.device_put(
+        carry._replace(done=np.zeros((batch,), bool), step=np.int32(0),
+                       counts=None if counts is None else np.zeros((batch, vocab), np.int32)),
+        carry_sh)
   options = dict(stops=stop_array(stop_tokens), pad_id=jnp.int32(pad_id), sampling=sampling)
-  return _Setup(graphdef, params, carry, as_key(key), options, single)
+  return _Setup(graphdef, params, carry, as_key(key), options, single, mesh)
+
+
+def _decode(s: _Setup, carry, max_new_tokens: int, steps: int):
+  program = decode_program if s.mesh is None else functools.partial(decode_on_mesh, s.mesh)
+  return program(s.graphdef, s.params, carry, s.key, jnp.int32(max_new_tokens), steps=steps,
+                 **s.options)
 
 
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
              key=None, state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
              pad_id: int = -1, implementation: str | None = None,
              tokens_per_call: int = PREFILL_TOKENS_PER_CALL,
-             min_parallel: int = MIN_PARALLEL) -> GenerateOutput:
+             min_parallel: int = MIN_PARALLEL, mesh=None) -> GenerateOutput:
   """Generates ``max_new_tokens`` tokens after each prompt.
 
   Args:
@@ -200,14 +237,17 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
     pad_id: what a finished sequence emits (-1 by default, never a real id).
     implementation: WKV path for the prefill (the decode always uses the recurrent step).
     tokens_per_call, min_parallel: prefill options, see ``prefill``.
+    mesh: a ``jax.sharding.Mesh`` (``rwkv_jax.sharding.make_mesh``) to run on: the
+      parameters are placed as the rules table says, prompts, states (L, B, C) and logits
+      are split over its batch axes (data, fsdp), and the prefill and decode programs are
+      jitted with these explicit in/out shardings. The number of prompts must divide by
+      data * fsdp. None: one device (the default device's programs, unchanged).
   """
   s = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
              state=state, stop_tokens=stop_tokens, pad_id=pad_id,
              implementation=implementation, tokens_per_call=tokens_per_call,
-             min_parallel=min_parallel)
-  carry, tokens, active = decode_program(s.graphdef, s.params, s.carry, s.key,
-                                         jnp.int32(max_new_tokens), steps=max_new_tokens,
-                                         **s.options)
+             min_parallel=min_parallel, mesh=mesh)
+  carry, tokens, active = _decode(s, s.carry, max_new_tokens, max_new_tokens)
   return GenerateOutput(np.asarray(tokens), np.asarray(active).sum(1), carry.state,
                         carry.logits)
 
@@ -225,13 +265,14 @@ class TokenStream:
                sampling: SamplingConfig | None = None, key=None,
                state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
                pad_id: int = -1, chunk_size: int = 16, implementation: str | None = None,
-               tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL):
+               tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL,
+               mesh=None):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     self._setup = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                          key=key, state=state, stop_tokens=stop_tokens, pad_id=pad_id,
                          implementation=implementation, tokens_per_call=tokens_per_call,
-                         min_parallel=min_parallel)
+                         min_parallel=min_parallel, mesh=mesh)
     self._max_new = max_new_tokens
     self._chunk = min(chunk_size, max_new_tokens)
     self._started = False
@@ -242,9 +283,7 @@ class TokenStream:
     self.finished = False
 
   def _launch(self, carry):
-    s = self._setup
-    return decode_program(s.graphdef, s.params, carry, s.key, jnp.int32(self._max_new),
-                          steps=self._chunk, **s.options)
+    return _decode(self._setup, carry, self._max_new, self._chunk)
 
   def __iter__(self) -> Iterator:
     if self._started:

@@ -34,6 +34,21 @@ def init_state(model: nnx.Module, tx, seed: int) -> tuple[nnx.GraphDef, TrainSta
   return graphdef, state
 
 
+def init_state_on_mesh(make_model, tx, seed: int, mesh) -> tuple[nnx.GraphDef, TrainState]:
+  """``init_state(make_model(), tx, seed)`` built directly on ``mesh``: one jitted program
+  whose outputs carry the rules table's shardings, so no device ever holds the whole
+  model or optimizer state (a 7b run starts under fsdp without fitting on one GPU). The
+  shapes and shardings come from ``eval_shape`` (no allocation); the random draws are
+  the same as on one device (threefry bits do not depend on the output sharding)."""
+  from rwkv_jax import sharding
+
+  graphdef, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param)
+  init = lambda: init_state(make_model(), tx, seed)[1]
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, mesh, abstract.params)
+  return graphdef, jax.jit(init, out_shardings=shardings)()
+
+
 def token_losses(graphdef, params, batch, *, implementation=None, gather=None):
   """Per-position cross entropy (B, T), logits (B, T, V) and mask (B, T).
 

@@ -32,8 +32,8 @@ from rwkv_jax.training.checkpointing import Checkpointer
 from rwkv_jax.training.config import TrainConfig
 from rwkv_jax.training.optim import make_optimizer
 from rwkv_jax.training.step import (TrainState, compile_eval_step, compile_train_step,
-                                    init_state, make_eval_step, make_train_step,
-                                    place_batch)
+                                    init_state, init_state_on_mesh, make_eval_step,
+                                    make_train_step, place_batch)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -115,10 +115,12 @@ def _build_data(cfg: TrainConfig, vocab_size: int | None):
                   vocab_size=vocab_size or tok.vocab_size, tokenizer_file=tok_file)
 
 
-def _initial_model(cfg: TrainConfig, data_vocab: int | None):
-  """A fresh model, or the --init-from weights rebuilt under this run's dtype/ctx_len."""
+def _initial_model(cfg: TrainConfig, data_vocab: int | None, abstract: bool = False):
+  """A fresh model (only its shapes with ``abstract``: it is then built on the mesh), or
+  the --init-from weights rebuilt under this run's dtype/ctx_len."""
   if cfg.init_from is None:
-    return RWKV(cfg.model_config(data_vocab), rngs=nnx.Rngs(cfg.seed))
+    make = lambda: RWKV(cfg.model_config(data_vocab), rngs=nnx.Rngs(cfg.seed))
+    return nnx.eval_shape(make) if abstract else make()
   if cfg.preset or cfg.n_layer or cfg.n_embd:
     raise ValueError("--init-from fixes the model shape; drop --preset/--n-layer/--n-embd")
   loaded, loaded_cfg = load_model(cfg.init_from)
@@ -180,6 +182,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
     raise FileExistsError(f"{out} already holds checkpoints (latest step {latest}): pass "
                           f"--resume to continue, or choose another --out")
   resuming = latest is not None
+  mesh = _mesh(cfg)
   if resuming:
     model_cfg, saved = read_run_config(out)
     diffs = [] if saved is None else cfg.incompatibilities(saved)
@@ -200,13 +203,12 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
     data = _build_data(cfg, model.cfg.vocab_size)
   else:
     data = _build_data(cfg, None)
-    model = _initial_model(cfg, data.vocab_size)
+    model = _initial_model(cfg, data.vocab_size, abstract=mesh is not None)
   model_cfg = model.cfg
   tx, schedule = make_optimizer(
       lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
       final_lr_ratio=cfg.final_lr_ratio, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
       eps=cfg.eps, clip=cfg.clip, grad_accum=cfg.grad_accum)
-  mesh = _mesh(cfg)
   if resuming:
     graphdef, abstract = nnx.split(model, nnx.Param)
     template = jax.eval_shape(lambda p: init_state_from_params(p, tx), abstract)
@@ -221,8 +223,16 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
       raise ValueError(f"cannot resume {out}: the data changed since the checkpoint "
                        f"(fingerprint {meta.get('data_fingerprint')} -> {data.fingerprint})")
     start = latest
+  elif mesh is not None and cfg.init_from is None:
+    # Fresh run on a mesh: parameters and optimizer state are created already sharded.
+    graphdef, state = init_state_on_mesh(lambda: RWKV(model_cfg, rngs=nnx.Rngs(cfg.seed)),
+                                         tx, cfg.seed, mesh)
+    start = 0
   else:
     graphdef, state = init_state(model, tx, cfg.seed)
+    if mesh is not None:  # --init-from weights, loaded on the host: move them onto the mesh
+      state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state),
+                             sharding.state_shardings(state, mesh, state.params))
     start = 0
   if sharding.is_main_process():
     write_run_config(out, model_cfg, cfg)
@@ -256,9 +266,6 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
     state_sh = sharding.state_shardings(state, mesh, state.params)
     batch_sh = sharding.batch_sharding(mesh)
     gather = sharding.compute_gather(mesh, state.params)
-    if not resuming:  # a restored state already lies on the mesh
-      state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state),
-                             state_sh)
   n_devices = 1 if mesh is None else mesh.size
   on_mesh = lambda fn: sharding.traced_on_mesh(fn, mesh)  # the Pallas WKV runs per shard
   train_step = compile_train_step(
