@@ -80,7 +80,16 @@ class _PallasCases(WKVAgainstScan):
     loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0] * gy)
     args = (w, u, k, v, state)
     got = jax.grad(loss(self._split_fn), ARGNUMS)(*args)
-    _assert_grads_close(got, jax.grad(loss(wkv_scan_reference), ARGNUMS)(*args), self.GRAD_TOL)
+    want = jax.grad(loss(wkv_scan_reference), ARGNUMS)(*args)
+    _assert_grads_close(got[:4], want[:4], self.GRAD_TOL)
+    _assert_grads_close((got[4].num, got[4].den), (want[4].num, want[4].den), self.GRAD_TOL)
+    # d/d(max) of the incoming state is sum(g_num * num + g_den * den): with keys of +-80
+    # those terms cancel to ~1e-3 of their size, so its error is measured against the
+    # size of the terms (float32 rounding of each term), not against the small result.
+    terms = (np.abs(np.asarray(want[4].num) * np.asarray(state.num))
+             + np.abs(np.asarray(want[4].den) * np.asarray(state.den)))
+    err = np.asarray(got[4].max, np.float64) - np.asarray(want[4].max, np.float64)
+    assert np.linalg.norm(err) <= self.GRAD_TOL * np.linalg.norm(terms), np.linalg.norm(err)
 
   def test_bfloat16_gradients(self, rng):
     w, u, k, v, state = random_wkv_inputs(rng, *self.SHAPES[1])
