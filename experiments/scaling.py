@@ -185,12 +185,13 @@ def _nonneg_lstsq(x, y):
   return best
 
 
-def fit_chinchilla(n, d, loss, alphas=None, betas=None, refine: int = 4) -> dict:
+def fit_chinchilla(n, d, loss, alphas=None, betas=None, refine: int = 6) -> dict:
   """L(N, D) = E + A / N^alpha + B / D^beta with E, A, B >= 0 (least squares in L).
 
   For fixed exponents the model is linear in (E, A, B), so a grid over (alpha, beta)
   with an exact non-negative solve at each point finds the global optimum on the grid;
-  ``refine`` rounds of a 10x finer grid around the best point follow. N and D are scaled
+  ``refine`` rounds of a finer grid over +-3 cells around the best point follow (a window
+  of one cell often missed the true basin when the exponents are small). N and D are scaled
   by their geometric means inside the solve for conditioning (A and B are reported for
   the raw N, D).
   """
@@ -210,8 +211,8 @@ def fit_chinchilla(n, d, loss, alphas=None, betas=None, refine: int = 4) -> dict
         if sse < best[0]:
           best = (sse, a, b, c)
     step_a, step_b = alphas[1] - alphas[0], betas[1] - betas[0]
-    alphas = np.linspace(max(best[1] - step_a, 1e-3), best[1] + step_a, 21)
-    betas = np.linspace(max(best[2] - step_b, 1e-3), best[2] + step_b, 21)
+    alphas = np.linspace(max(best[1] - 3 * step_a, 1e-3), best[1] + 3 * step_a, 31)
+    betas = np.linspace(max(best[2] - 3 * step_b, 1e-3), best[2] + 3 * step_b, 31)
   sse, alpha, beta, (e, a_s, b_s) = best
   pred = e + a_s * (n / n0) ** -alpha + b_s * (d / d0) ** -beta
   return {"E": float(e), "A": float(a_s * n0**alpha), "B": float(b_s * d0**beta),
