@@ -21,6 +21,15 @@ _DTYPES = ("float32", "bfloat16", "float16")
 WKV_IMPLEMENTATIONS = (None, "scan", "associative_scan", "pallas")
 
 
+def dataclass_from_dict(cls, data: dict[str, Any]):
+  """``cls(**data)``, refusing keys that are not fields of ``cls`` by name."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(data) - known
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+  return cls(**data)
+
+
 @dataclasses.dataclass(frozen=True)
 class RWKVConfig:
   """RWKV-4 hyper-parameters.
@@ -96,11 +105,7 @@ class RWKVConfig:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "RWKVConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-      raise ValueError(f"unknown RWKVConfig fields {sorted(unknown)}")
-    return cls(**data)
+    return dataclass_from_dict(cls, data)
 
   def shape_hash(self) -> str:
     """A short hash of what fixes the parameter and state shapes (not dtype or ctx_len)."""

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from rwkv_jax.config import WKV_IMPLEMENTATIONS, RWKVConfig
+from rwkv_jax.config import WKV_IMPLEMENTATIONS, RWKVConfig, dataclass_from_dict
 from rwkv_jax.training.optim import SCHEDULES
 
 # The default model when neither --preset nor --n-layer/--n-embd is given: small enough
@@ -140,11 +140,7 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-      raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-    return cls(**data)
+    return dataclass_from_dict(cls, data)
 
   def incompatibilities(self, saved: "TrainConfig") -> list[str]:
     """The trajectory fields where self differs from a saved run's config."""
