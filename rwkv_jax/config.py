@@ -45,6 +45,8 @@ class RWKVConfig:
     layer_norm_eps: LayerNorm epsilon (1e-5 as in the reference implementation).
     wkv_impl: WKV path for parallel mode, see ``rwkv_jax.ops.wkv``; ``None`` picks by
       platform.
+    dropout: residual dropout rate on each time-mix and channel-mix output, applied only
+      when a forward is given a ``dropout_key`` (training); 0 disables it.
   """
 
   n_layer: int = 4
@@ -55,6 +57,7 @@ class RWKVConfig:
   dtype: str = "float32"
   layer_norm_eps: float = 1e-5
   wkv_impl: str | None = None
+  dropout: float = 0.0
 
   def __post_init__(self):
     if self.dim_ffn is None:
@@ -68,6 +71,8 @@ class RWKVConfig:
     if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
       raise ValueError(
           f"RWKVConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+      raise ValueError(f"RWKVConfig.dropout must be in [0, 1), got {self.dropout!r}")
     if self.wkv_impl not in WKV_IMPLEMENTATIONS:
       raise ValueError(
           f"RWKVConfig.wkv_impl must be one of {WKV_IMPLEMENTATIONS}, got {self.wkv_impl!r}")

@@ -78,21 +78,32 @@ class ChannelMix(nnx.Module):
     return jax.nn.sigmoid(r) * self.value(k), x[:, -1]
 
 
+def _dropout(x, rate: float, key):
+  """Inverted dropout of x (B, T, C); the identity without a key or at rate 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
 class Block(nnx.Module):
-  """Pre-LN residual block: x + TimeMix(LN1 x), then + ChannelMix(LN2 x)."""
+  """Pre-LN residual block: x + TimeMix(LN1 x), then + ChannelMix(LN2 x); with a dropout
+  key each sub-block's output is dropped out before it joins the residual stream."""
 
   def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
+    self.dropout = cfg.dropout
     self.ln1 = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
     self.att = TimeMix(cfg, layer_id, rngs=rngs)
     self.ln2 = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
     self.ffn = ChannelMix(cfg, layer_id, rngs=rngs)
 
-  def __call__(self, x, state: RWKVState, implementation):
+  def __call__(self, x, state: RWKVState, implementation, dropout_key=None):
     """x: (B, T, C) float32; state: this layer's five (B, C) vectors."""
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     h, att_x, s = self.att(self.ln1(x), state.att_x, WKVState(*state[1:4]), implementation)
-    x = x + h
+    x = x + _dropout(h, self.dropout, keys[0])
     h, ffn_x = self.ffn(self.ln2(x), state.ffn_x)
-    return x + h, RWKVState(att_x, s.num, s.den, s.max, ffn_x)
+    return x + _dropout(h, self.dropout, keys[1]), RWKVState(att_x, s.num, s.den, s.max, ffn_x)
 
 
 def check_tokens(tokens, vocab_size: int):
@@ -147,11 +158,11 @@ class RWKV(nnx.Module):
     return matmul(self.ln_out(x), self.head[...], self.cfg.dtype)
 
   def forward_with_state(self, tokens, state: RWKVState | None = None, *,
-                         implementation: str | None = None):
+                         implementation: str | None = None, dropout_key=None):
     """tokens (B, T) int -> (logits (B, T, V) float32, the state after the last token).
 
     ``implementation`` overrides ``cfg.wkv_impl`` for T > 1; a single token always takes
-    the recurrent step.
+    the recurrent step. ``dropout_key`` (training only) turns on ``cfg.dropout``.
     """
     x = self.embed(tokens)
     batch, steps = tokens.shape
@@ -162,12 +173,16 @@ class RWKV(nnx.Module):
           f"state shape {state.att_x.shape} does not match (n_layer, batch, n_embd) = "
           f"{(self.cfg.n_layer, batch, self.cfg.n_embd)}")
     impl = "scan" if steps == 1 else (implementation or self.cfg.wkv_impl)
+    keys = [None] * len(self.blocks)
+    if dropout_key is not None and self.cfg.dropout > 0:
+      keys = list(jax.random.split(dropout_key, len(self.blocks)))
     new_layers = []
     for i, block in enumerate(self.blocks):
-      x, s = block(x, state.layer(i), impl)
+      x, s = block(x, state.layer(i), impl, keys[i])
       new_layers.append(s)
     return self.logits(x), RWKVState.stack(new_layers)
 
-  def __call__(self, tokens, *, implementation: str | None = None):
+  def __call__(self, tokens, *, implementation: str | None = None, dropout_key=None):
     """tokens (B, T) int -> logits (B, T, V) float32, from an empty state."""
-    return self.forward_with_state(tokens, None, implementation=implementation)[0]
+    return self.forward_with_state(tokens, None, implementation=implementation,
+                                   dropout_key=dropout_key)[0]

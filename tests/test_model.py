@@ -139,3 +139,19 @@ def test_bfloat16_compute_close_to_float32(rng):
   m16 = random_model(cfg.replace(dtype="bfloat16"), 3)
   toks = tokens(rng, 2, 9)
   assert rel_err(m16(toks), m32(toks)) < 5e-2
+
+
+def test_dropout_only_with_a_key(rng):
+  cfg = RWKVConfig.preset("tiny", dropout=0.5)
+  m = random_model(cfg, 7)
+  toks = tokens(rng, 2, 9)
+  plain = m(toks)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(int(rng.integers(1 << 30))))
+  a, a_again, b = m(toks, dropout_key=k1), m(toks, dropout_key=k1), m(toks, dropout_key=k2)
+  assert np.array_equal(a, a_again) and not np.allclose(a, b) and not np.allclose(a, plain)
+  # Without a key (evaluation, decode) the model is deterministic and equals rate 0.
+  m0 = random_model(cfg.replace(dropout=0.0), 7)
+  assert np.array_equal(plain, m0(toks))
+  assert np.array_equal(m0(toks, dropout_key=k1), plain)
+  with pytest.raises(ValueError, match="RWKVConfig.dropout"):
+    RWKVConfig.preset("tiny", dropout=1.0)

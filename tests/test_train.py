@@ -334,3 +334,25 @@ def test_train_help_documents_the_flags():
                "--save-every", "--seed", "--dtype", "--init-from", "--warmup", "--schedule",
                "--grad-accum", "--clip", "--weight-decay", "--z-loss", "--wkv-impl"):
     assert flag in out
+
+
+def test_dropout_in_the_train_step_is_keyed_by_the_checkpointed_rng():
+  import numpy as np
+  from flax import nnx
+  from rwkv_jax import RWKV, RWKVConfig
+  from rwkv_jax.training.optim import make_optimizer
+  from rwkv_jax.training.step import init_state, make_train_step
+
+  tx, _ = make_optimizer(lr=1e-3, steps=10, warmup=0, weight_decay=0.0, clip=1.0)
+  toks = np.random.default_rng(0).integers(0, 64, (2, 9)).astype(np.int32)
+  batch = (toks[:, :-1], toks[:, 1:], np.ones((2, 8), np.float32))
+  losses = {}
+  for rate in (0.0, 0.3):
+    graphdef, state = init_state(RWKV(RWKVConfig.preset("tiny", dropout=rate),
+                                      rngs=nnx.Rngs(0)), tx, seed=0)
+    step = make_train_step(graphdef, tx)
+    (s1, m1), (_, m1_again) = step(state, batch), step(state, batch)
+    assert float(m1["loss"]) == float(m1_again["loss"])  # same rng -> same mask
+    _, m2 = step(s1, batch)
+    losses[rate] = (float(m1["loss"]), float(m2["loss"]))
+  assert losses[0.3][0] != losses[0.0][0]

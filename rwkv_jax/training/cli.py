@@ -72,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="matmul compute dtype; weights stay float32 (%(default)s)")
   g.add_argument("--wkv-impl", choices=["scan", "associative_scan", "pallas"],
                  help="WKV path (default: by platform)")
+  g.add_argument("--dropout", type=float, default=d.dropout,
+                 help="residual dropout on each sub-block output while training (%(default)s)")
   g = p.add_argument_group("optimizer")
   g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (%(default)s)")
   g.add_argument("--final-lr-ratio", type=float, default=d.final_lr_ratio,

@@ -18,7 +18,7 @@ DEFAULT_N_EMBD = 64
 TRAJECTORY_FIELDS = (
     "batch_size", "ctx_len", "lr", "warmup", "schedule", "final_lr_ratio", "weight_decay",
     "b1", "b2", "eps", "clip", "grad_accum", "z_loss", "seed", "data", "tokenizer",
-    "val_fraction",
+    "val_fraction", "dropout",
 )
 
 
@@ -40,6 +40,7 @@ class TrainConfig:
   n_embd: int | None = None
   dtype: str = "float32"
   wkv_impl: str | None = None
+  dropout: float = 0.0
   lr: float = 3e-3
   final_lr_ratio: float = 0.1
   warmup: int | None = None
@@ -89,6 +90,8 @@ class TrainConfig:
       v = getattr(self, name)
       need(v is None or (is_int(v) and v >= 1), name, "must be a positive integer")
     need(self.warmup <= self.steps, "warmup", f"must be <= steps ({self.steps})")
+    need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout",
+         "must be in [0, 1)")
 
     def finite(v):
       return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -124,7 +127,7 @@ class TrainConfig:
     """The RWKVConfig of a fresh model: the preset (its vocabulary replaced by the data's)
     or DEFAULT_N_LAYER x DEFAULT_N_EMBD, overridden by n_layer / n_embd."""
     overrides = dict(vocab_size=vocab_size, ctx_len=self.ctx_len, dtype=self.dtype,
-                     wkv_impl=self.wkv_impl)
+                     wkv_impl=self.wkv_impl, dropout=self.dropout)
     if self.n_layer is not None:
       overrides["n_layer"] = self.n_layer
     if self.n_embd is not None:

@@ -49,23 +49,26 @@ def init_state_on_mesh(make_model, tx, seed: int, mesh) -> tuple[nnx.GraphDef, T
   return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
-def token_losses(graphdef, params, batch, *, implementation=None, gather=None):
+def token_losses(graphdef, params, batch, *, implementation=None, gather=None,
+                 dropout_key=None):
   """Per-position cross entropy (B, T), logits (B, T, V) and mask (B, T).
 
   ``gather`` (``rwkv_jax.sharding.compute_gather``) pins the parameters to the layout
-  they are computed in under a mesh (FSDP shards all-gathered per use)."""
+  they are computed in under a mesh (FSDP shards all-gathered per use). ``dropout_key``
+  turns on the model's dropout (training steps only)."""
   inputs, targets, mask = batch
   model = nnx.merge(graphdef, params if gather is None else gather(params))
-  logits = model(inputs, implementation=implementation)
+  logits = model(inputs, implementation=implementation, dropout_key=dropout_key)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return ce, logits, mask
 
 
-def loss_fn(params, graphdef, batch, z_loss: float, implementation=None, gather=None):
+def loss_fn(params, graphdef, batch, z_loss: float, implementation=None, gather=None,
+            dropout_key=None):
   """Masked mean cross entropy, plus z_loss * mean(logsumexp(logits)^2) (PaLM's auxiliary
   loss that keeps the softmax normaliser near 1) when z_loss > 0."""
   ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation,
-                                  gather=gather)
+                                  gather=gather, dropout_key=dropout_key)
   count = jnp.maximum(mask.sum(), 1.0)
   loss = (ce * mask).sum() / count
   total = loss
@@ -81,11 +84,13 @@ def make_train_step(graphdef, tx, *, z_loss: float = 0.0, implementation=None, g
 
   def train_step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # The checkpointed rng: one key for this step's dropout, one carried to the next step.
+    rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     (total, (loss, acc)), grads = grad_fn(state.params, graphdef, batch, z_loss,
-                                          implementation, gather)
+                                          implementation, gather, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    rng = jax.random.key_data(rng)
     metrics = {"loss": loss, "total_loss": total, "accuracy": acc,
                "grad_norm": optax.tree.norm(grads)}
     return TrainState(params, opt_state, state.step + 1, rng), metrics
