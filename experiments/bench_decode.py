@@ -35,6 +35,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rwkv_jax import RWKV, RWKVConfig  # noqa: E402
+from rwkv_jax.testing import perturb_params  # noqa: E402
 from rwkv_jax.inference import SamplingConfig  # noqa: E402
 from rwkv_jax.inference._engine import (  # noqa: E402
     DecodeCarry, advance, decode_program, stop_array)
@@ -72,13 +73,7 @@ def parse_args(argv=None):
 
 def make_model(cfg: RWKVConfig, seed: int = 0) -> RWKV:
   """A model with every parameter perturbed (the Appendix E init has zero matrices)."""
-  model = RWKV(cfg, rngs=nnx.Rngs(seed))
-  params = nnx.state(model, nnx.Param)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(tree, leaves))
-  return model
+  return perturb_params(RWKV(cfg, rngs=nnx.Rngs(seed)), seed + 1, 0.02)
 
 
 def timed(fn, reps: int) -> tuple[float, object]:

@@ -14,6 +14,7 @@ from flax import nnx
 from experiments import _common, scaling
 from experiments.baselines import (LSTMConfig, LSTMLM, TransformerConfig, TransformerLM,
                                    count_params)
+from rwkv_jax.testing import perturb_params
 from tests.conftest import rel_err
 
 TOL = 1e-5  # float32, ||a-b|| / ||b|| over all logits / gradients
@@ -21,12 +22,8 @@ TOL = 1e-5  # float32, ||a-b|| / ||b|| over all logits / gradients
 
 def perturbed(model, seed):
   """Every parameter moved off its init, so zero-initialised parts (LSTM bias, LN bias)
-  are exercised too. NumPy noise: no per-shape eager compiles."""
-  noise = np.random.default_rng(seed)
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda x: x + 0.2 * noise.standard_normal(x.shape).astype(np.float32), params))
-  return model
+  are exercised too."""
+  return perturb_params(model, seed, 0.2)
 
 
 def stepwise(model, tokens, state, prefill: int):

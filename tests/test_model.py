@@ -8,6 +8,7 @@ from flax import nnx
 
 from rwkv_jax import RWKV, RWKVConfig, RWKVState
 from rwkv_jax import init as appendix_e
+from rwkv_jax.testing import perturb_params
 from tests.conftest import rel_err
 
 TOL = 1e-5  # float32, ||a-b|| / ||b|| over all logits
@@ -15,13 +16,7 @@ TOL = 1e-5  # float32, ||a-b|| / ||b|| over all logits
 
 def random_model(cfg, seed):
   """A model whose parameters are all perturbed, so zero-initialised paths are exercised."""
-  model = RWKV(cfg, rngs=nnx.Rngs(seed))
-  params = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
+  return perturb_params(RWKV(cfg, rngs=nnx.Rngs(seed)), seed + 1, 0.3)
 
 
 @pytest.fixture(scope="module")
