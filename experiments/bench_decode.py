@@ -56,6 +56,11 @@ def parse_args(argv=None):
   p.add_argument("--prefill-len", type=int, default=None)
   p.add_argument("--unroll", default="1", help="lax.scan unroll factors to try at batch 1")
   p.add_argument("--implementation", default=None, help="WKV path for the prefill")
+  p.add_argument("--steps-impl", default="model,pallas",
+                 help="decode steps to try at batch 1 (rwkv_jax.inference DECODE_STEPS)")
+  p.add_argument("--block-out", default="8,16,32",
+                 help="fused-step block_out values to try at batch 1")
+  p.add_argument("--num-warps", default="4", help="fused-step num_warps values to try")
   p.add_argument("--decode-only", action="store_true",
                  help="skip the prefill comparison (e.g. to compare XLA_FLAGS settings)")
   args = p.parse_args(argv)
@@ -68,6 +73,9 @@ def parse_args(argv=None):
   args.steps = args.steps or (64 if quick else 512)
   args.prefill_len = args.prefill_len or (1024 if quick else 16384)
   args.unroll = ints(args.unroll)
+  args.steps_impl = args.steps_impl.split(",")
+  args.block_out = ints(args.block_out)
+  args.num_warps = ints(args.num_warps)
   return args
 
 
@@ -130,10 +138,46 @@ class Bench:
                                min(chunk, piece))
     return x, state
 
-  def decode(self, carry, steps, unroll):
+  def decode(self, carry, steps, unroll, step=("model", ())):
+    """step: (DECODE_STEPS name, fused-plan options as (name, value) pairs)."""
     return decode_program(self.graphdef, self.params, carry, jax.random.key(0),
                           jnp.int32(1 << 30), stop_array(()), jnp.int32(-1), steps=steps,
-                          sampling=SamplingConfig.greedy(), unroll=unroll)
+                          sampling=SamplingConfig.greedy(), unroll=unroll,
+                          step_impl=step[0], step_options=step[1])
+
+  def kernel_count(self, carry, steps, unroll, step) -> dict:
+    """Fusions and custom calls (Pallas kernels, GEMMs) in the optimised decode program:
+    a proxy for the kernels launched per step."""
+    lowered = decode_program.lower(
+        self.graphdef, self.params, carry, jax.random.key(0), jnp.int32(1 << 30),
+        stop_array(()), jnp.int32(-1), steps=steps, sampling=SamplingConfig.greedy(),
+        unroll=unroll, step_impl=step[0], step_options=step[1])
+    text = lowered.compile().as_text() or ""
+    lines = [ln for ln in text.splitlines() if " = " in ln and not ln.lstrip().startswith("%param")]
+    count = lambda op: sum(1 for ln in lines if f" {op}(" in ln and "calls=" in ln or
+                           f" {op}(" in ln and "custom_call_target" in ln)
+    return dict(fusion=count("fusion"), custom_call=count("custom-call"))
+
+
+def step_candidates(args, batch: int, cfg) -> list[tuple[str, tuple]]:
+  """(decode step, options) pairs to try: the model step, and the fused step for each
+  block_out that fits the model."""
+  from pallas_kernels.rwkv4_decode import supports
+
+  out = []
+  for name in args.steps_impl:
+    if name == "model":
+      out.append(("model", ()))
+      continue
+    for bo in args.block_out:
+      for nw in args.num_warps:
+        if supports(batch, cfg.n_embd, cfg.dim_ffn, block_out=bo):
+          out.append((name, (("block_out", bo), ("num_warps", nw))))
+  return out
+
+
+def step_label(step) -> str:
+  return step[0] + "".join(f" {k}={v}" for k, v in step[1])
 
 
 def pick_implementation(bench: Bench, requested, vocab: int):
@@ -204,6 +248,39 @@ def main(argv=None) -> int:
     results["unroll_trial_ms_per_token"] = {u: 1e3 * s / args.steps for u, s in per.items()}
     print(f"unroll trial (ms/token at batch 1): {results['unroll_trial_ms_per_token']}")
   results["unroll"] = unroll
+
+  # The decode step at batch 1: the model's T = 1 forward vs the fused kernels, side by
+  # side from the same state; the fastest serves batch 1 below (batch > 8: the model step).
+  state, logits = states[args.contexts[0]]
+  carry = DecodeCarry(state, logits, jnp.zeros((1,), bool), None, jnp.int32(0))
+  trial, ref_tokens = {}, None
+  for step in step_candidates(args, 1, cfg):
+    label = step_label(step)
+    try:
+      t = time.perf_counter()
+      _, toks, _ = jax.block_until_ready(bench.decode(carry, args.steps, unroll, step))
+      compile_s = time.perf_counter() - t
+      med = timed(lambda: bench.decode(carry, args.steps, unroll, step), args.reps)[0]
+      kernels = bench.kernel_count(carry, args.steps, unroll, step)
+    except Exception as e:  # a step that does not build here: record it, go on
+      trial[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+      print(f"decode step {label}: FAILED {trial[label]['error']}", flush=True)
+      continue
+    toks = np.asarray(toks)
+    ref_tokens = toks if ref_tokens is None else ref_tokens
+    same = int((toks == ref_tokens).sum())
+    trial[label] = dict(step=step[0], options=dict(step[1]), ms_per_token=1e3 * med / args.steps,
+                        compile_s=compile_s, kernels=kernels,
+                        greedy_tokens_equal_to_first=f"{same}/{toks.size}")
+    print(f"decode step {label}: {trial[label]['ms_per_token']:.4f} ms/token, compile "
+          f"{compile_s:.1f} s, {kernels}, greedy tokens equal to the first step's "
+          f"{same}/{toks.size}", flush=True)
+  ok = {k: v for k, v in trial.items() if "error" not in v}
+  best = min(ok, key=lambda k: ok[k]["ms_per_token"])
+  best_step = (ok[best]["step"], tuple(ok[best]["options"].items()))
+  results["step_trial"] = trial
+  results["batch1_step"] = best
+  print(f"batch 1 decode step: {best}", flush=True)
   rows = []
   for b in args.batches:
     steps = args.steps if b == 1 else max(args.steps // 4, 32)
@@ -212,10 +289,12 @@ def main(argv=None) -> int:
       tile = lambda x: jnp.repeat(x, b, axis=-2 if x.ndim == 3 else 0)
       carry = DecodeCarry(jax.tree.map(tile, state), tile(logits), jnp.zeros((b,), bool),
                           None, jnp.int32(0))
-      jax.block_until_ready(bench.decode(carry, steps, unroll))  # compile (once per batch)
-      med = timed(lambda: bench.decode(carry, steps, unroll), args.reps)[0]
+      step = best_step if b == 1 else ("model", ())
+      jax.block_until_ready(bench.decode(carry, steps, unroll, step))  # compile (per batch)
+      med = timed(lambda: bench.decode(carry, steps, unroll, step), args.reps)[0]
       live = bytes_in_use()
-      row = dict(batch=b, context=n, steps=steps, ms_per_step=1e3 * med / steps,
+      row = dict(batch=b, context=n, steps=steps, step=step_label(step),
+                 ms_per_step=1e3 * med / steps,
                  tokens_per_s=b * steps / med, state_mb=state_bytes(b) / 2**20,
                  live_mb=None if live is None else live / 2**20)
       results["decode"].append(row)

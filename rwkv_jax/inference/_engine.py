@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rwkv_jax.inference._fused import step_function
 from rwkv_jax.inference.sampling import SamplingConfig, sample
 from rwkv_jax.state import RWKVState
 
@@ -149,10 +150,17 @@ def stop_array(stop_tokens) -> jax.Array:
   return jnp.asarray(list(stop_tokens) + [-1] * (n - len(stop_tokens)), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "unroll"))
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "steps", "sampling", "unroll", "step_impl",
+                                    "step_options"))
 def decode_program(graphdef, params, carry: DecodeCarry, key, limit, stops, pad_id, *, steps,
-                   sampling: SamplingConfig, unroll: int = 1):
+                   sampling: SamplingConfig, unroll: int = 1, step_impl: str = "model",
+                   step_options: tuple = ()):
   """``steps`` tokens in one ``lax.scan``: sample, then feed the token back.
+
+  ``step_impl`` is a resolved ``_fused.DECODE_STEPS`` name: the model's own T = 1 forward
+  or the fused decode kernels; ``step_options`` ((name, value) pairs) go to the fused
+  step's ``DecodePlan.make`` (block sizes, for benchmarks).
 
   A sequence is active until it emits one of ``stops`` (which is emitted and consumed) or
   the step count reaches ``limit``. limit, stops and pad_id are traced, so one executable
@@ -160,25 +168,27 @@ def decode_program(graphdef, params, carry: DecodeCarry, key, limit, stops, pad_
   Returns (carry, tokens (B, steps) int32, active (B, steps) bool).
   """
   return _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, sampling,
-                      unroll)
+                      unroll, step_impl, step_options)
 
 
-def _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, sampling, unroll):
+def _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, sampling, unroll,
+                 step_impl="model", step_options=()):
   dtype = nnx.merge(graphdef, params).cfg.dtype
   model = nnx.merge(graphdef, cast_matmul_weights(params, dtype))
+  forward = step_function(model, step_impl, **dict(step_options))
 
   def body(c: DecodeCarry, _):
     active = ~c.done & (c.step < limit)
     tok = sample(c.logits, jax.random.fold_in(key, c.step), sampling, c.counts)
     feed = jnp.where(active, tok, 0)  # a valid id for rows whose result is discarded
-    logits, state = model.forward_with_state(feed[:, None], c.state)
+    logits, state = forward(feed, c.state)
     counts = c.counts
     if counts is not None:
       counts = counts.at[jnp.arange(feed.shape[0]), feed].add(active.astype(counts.dtype))
     stopped = jnp.any(tok[:, None] == stops[None, :], axis=1)
     new = DecodeCarry(
         state=_select(active, state, c.state),
-        logits=jnp.where(active[:, None], logits[:, 0], c.logits),
+        logits=jnp.where(active[:, None], logits, c.logits),
         done=c.done | (active & stopped) | (c.step + 1 >= limit),
         counts=counts,
         step=c.step + 1)

@@ -18,6 +18,7 @@ from flax import nnx
 from rwkv_jax.inference._engine import (
     DecodeCarry, decode_on_mesh, decode_program, mesh_shardings, prefill_on_mesh,
     prefill_program, stop_array)
+from rwkv_jax.inference._fused import resolve_decode_step
 from rwkv_jax.inference.sampling import SamplingConfig
 from rwkv_jax.state import RWKVState
 
@@ -186,7 +187,8 @@ class _Setup(NamedTuple):
 
 
 def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens, pad_id,
-           implementation, tokens_per_call, min_parallel, mesh=None) -> _Setup:
+           implementation, tokens_per_call, min_parallel, mesh=None,
+           decode_step=None) -> _Setup:
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -195,6 +197,7 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
     raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
   vocab = model.cfg.vocab_size
   seqs, single = as_batch(prompts, vocab)
+  step_impl = resolve_decode_step(decode_step, model.cfg, len(seqs), on_mesh=mesh is not None)
   stop_tokens = _check_tokens_arg(stop_tokens, vocab, "stop_tokens")
   graphdef, params, logits, state = _prefill(model, seqs, state, implementation,
                                              tokens_per_call, min_parallel, mesh)
@@ -208,6 +211,8 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
                        counts=None if counts is None else np.zeros((batch, vocab), np.int32)),
         carry_sh)
   options = dict(stops=stop_array(stop_tokens), pad_id=jnp.int32(pad_id), sampling=sampling)
+  if mesh is None:  # on a mesh the decode is always the model's step
+    options["step_impl"] = step_impl
   return _Setup(graphdef, params, carry, as_key(key), options, single, mesh)
 
 
@@ -221,7 +226,8 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
              key=None, state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
              pad_id: int = -1, implementation: str | None = None,
              tokens_per_call: int = PREFILL_TOKENS_PER_CALL,
-             min_parallel: int = MIN_PARALLEL, mesh=None) -> GenerateOutput:
+             min_parallel: int = MIN_PARALLEL, mesh=None,
+             decode_step: str | None = None) -> GenerateOutput:
   """Generates ``max_new_tokens`` tokens after each prompt.
 
   Args:
@@ -242,11 +248,14 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
       are split over its batch axes (data, fsdp), and the prefill and decode programs are
       jitted with these explicit in/out shardings. The number of prompts must divide by
       data * fsdp. None: one device (the default device's programs, unchanged).
+    decode_step: "model" (the model's own one-token forward), "pallas" (the fused decode
+      kernels of pallas_kernels/rwkv4_decode, batch <= 8, one device) or None: "pallas"
+      on a GPU where it fits, else "model". Both compute the same function.
   """
   s = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
              state=state, stop_tokens=stop_tokens, pad_id=pad_id,
              implementation=implementation, tokens_per_call=tokens_per_call,
-             min_parallel=min_parallel, mesh=mesh)
+             min_parallel=min_parallel, mesh=mesh, decode_step=decode_step)
   carry, tokens, active = _decode(s, s.carry, max_new_tokens, max_new_tokens)
   return GenerateOutput(np.asarray(tokens), np.asarray(active).sum(1), carry.state,
                         carry.logits)
@@ -266,13 +275,13 @@ class TokenStream:
                state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
                pad_id: int = -1, chunk_size: int = 16, implementation: str | None = None,
                tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL,
-               mesh=None):
+               mesh=None, decode_step: str | None = None):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     self._setup = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                          key=key, state=state, stop_tokens=stop_tokens, pad_id=pad_id,
                          implementation=implementation, tokens_per_call=tokens_per_call,
-                         min_parallel=min_parallel, mesh=mesh)
+                         min_parallel=min_parallel, mesh=mesh, decode_step=decode_step)
     self._max_new = max_new_tokens
     self._chunk = min(chunk_size, max_new_tokens)
     self._started = False

@@ -1,0 +1,137 @@
+"""The fused decode step (pallas_kernels/rwkv4_decode) against the model's one-token forward.
+
+Off-GPU the kernels run in the Pallas interpreter; on a GPU the same tests run the compiled
+Triton kernels. Float32 tolerances: logits and every state field within 1e-5 relative
+(measured ~3e-7 on CPU: only the order of float32 sums differs).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels import rwkv4_decode
+from rwkv_jax import RWKVConfig
+from rwkv_jax.inference import SamplingConfig, generate
+from rwkv_jax.inference._fused import fused_forward, layer_weights, resolve_decode_step
+from tests.conftest import rel_err
+from tests.test_model import random_model
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+  return random_model(RWKVConfig.preset("tiny", n_layer=3), seed=int(np.random.randint(1 << 20)))
+
+
+def random_state(model, rng, batch):
+  """The state after a few random tokens, rows of different histories."""
+  toks = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch, 5)), jnp.int32)
+  return model.forward_with_state(toks)[1]
+
+
+def compare(model, rng, batch, steps=2, **plan_options):
+  state = random_state(model, rng, batch)
+  fused_state = state
+  layers = layer_weights(model, model.cfg.dtype)
+  errs = []
+  for _ in range(steps):
+    tok = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (batch,)), jnp.int32)
+    want, state = model.forward_with_state(tok[:, None], state)
+    got, fused_state = fused_forward(model, layers, tok, fused_state, **plan_options)
+    errs.append(max([rel_err(got, want[:, 0])] +
+                    [rel_err(a, b) for a, b in zip(fused_state, state)]))
+    fused_state = state  # each step from the same state, so errors do not compound
+  return max(errs)
+
+
+@pytest.mark.parametrize("batch, block_out", [(1, 16), (3, 8)])
+def test_fused_step_equals_model_step(model, rng, batch, block_out):
+  assert compare(model, rng, batch, block_out=block_out) <= TOL
+
+
+def test_fused_step_from_an_empty_state(model, rng):
+  empty = model.init_state(2)
+  tok = jnp.asarray(rng.integers(0, 64, (2,)), jnp.int32)
+  want, s_want = model.forward_with_state(tok[:, None], empty)
+  got, s_got = fused_forward(model, layer_weights(model, jnp.float32), tok, empty)
+  assert rel_err(got, want[:, 0]) <= TOL
+  assert max(rel_err(a, b) for a, b in zip(s_got, s_want)) <= TOL
+
+
+def test_fused_step_in_bfloat16(rng):
+  cfg = RWKVConfig.preset("tiny", dtype="bfloat16")
+  m = random_model(cfg, seed=int(rng.integers(1 << 20)))
+  # Both round the same mixed inputs and weights to bfloat16 and accumulate in float32.
+  assert compare(m, rng, 2, steps=1) <= 1e-4
+
+
+def test_generate_with_the_fused_step_equals_the_model_step(model, rng):
+  ps = [[int(t) for t in rng.integers(0, 64, n)] for n in (2, 5, 7)]
+  greedy = SamplingConfig.greedy()
+  a = generate(model, ps, max_new_tokens=5, sampling=greedy, decode_step="model")
+  b = generate(model, ps, max_new_tokens=5, sampling=greedy, decode_step="pallas")
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert max(rel_err(x, y) for x, y in zip(b.state, a.state)) <= TOL
+  assert rel_err(b.logits, a.logits) <= TOL
+
+
+def test_plan_and_step_choice_reject_what_cannot_run(model):
+  cfg = model.cfg
+  with pytest.raises(ValueError, match="batch 1..8"):
+    rwkv4_decode.DecodePlan.make(9, 768, 3072, 1e-5)
+  with pytest.raises(ValueError, match="powers of two"):
+    rwkv4_decode.DecodePlan.make(1, 768, 3072, 1e-5, block_out=12)
+  with pytest.raises(ValueError, match="n_embd"):
+    rwkv4_decode.DecodePlan.make(1, 40, 160, 1e-5)
+  with pytest.raises(ValueError, match="dim_ffn"):
+    rwkv4_decode.DecodePlan.make(1, 64, 96, 1e-5, block_out=16)
+  with pytest.raises(ValueError, match="unknown decode step"):
+    resolve_decode_step("fused", cfg, 1)
+  with pytest.raises(ValueError, match="one device"):
+    resolve_decode_step("pallas", cfg, 1, on_mesh=True)
+  with pytest.raises(ValueError, match="batch 1..8"):
+    resolve_decode_step("pallas", cfg, 16)
+  assert resolve_decode_step(None, cfg, 16) == "model"
+  assert resolve_decode_step(None, cfg, 1) == ("pallas" if jax.default_backend() == "gpu"
+                                                else "model")
+
+
+@pytest.mark.parametrize("preset, batch", [("169m", 1), ("1.5b", 2)])
+def test_kernels_lower_to_triton(preset, batch):
+  """Lowering for CUDA runs the Pallas-to-Triton translation on any machine: an operation
+  or indexing pattern Triton cannot take fails here, not first on a GPU."""
+  cfg = RWKVConfig.preset(preset, dtype="bfloat16", n_layer=1, vocab_size=256)
+  abstract = nnx.eval_shape(lambda: random_model_shape(cfg))
+  graphdef, params = nnx.split(abstract)
+  plan = rwkv4_decode.DecodePlan.make(batch, cfg.n_embd, cfg.dim_ffn, cfg.layer_norm_eps)
+
+  def step(params, x, state):
+    lw = layer_weights(nnx.merge(graphdef, params), jnp.bfloat16)[0]
+    return rwkv4_decode.block_step(plan, 0, lw, x, state)
+
+  x = jax.ShapeDtypeStruct((batch, cfg.n_embd), jnp.float32)
+  state = jax.eval_shape(lambda: abstract.init_state(batch))
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  exported = jax.export.export(jax.jit(step), platforms=["cuda"],
+                               disabled_checks=[triton])(params, x, state)
+  text = exported.mlir_module()
+  for name in ("time_mix", "att_out", "channel_in", "ffn_out"):
+    assert f"rwkv4_decode_{name}" in text
+
+
+def random_model_shape(cfg):
+  from rwkv_jax import RWKV
+  return RWKV(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("float32", TOL), ("bfloat16", 1e-3)])
+def test_fused_step_at_169m_width_on_gpu(rng, dtype, tol):
+  cfg = RWKVConfig.preset("169m", dtype=dtype, n_layer=2, vocab_size=1000)
+  m = random_model(cfg, seed=int(rng.integers(1 << 20)))
+  with jax.default_matmul_precision("highest"):
+    for batch, block_out in ((1, 8), (4, 16)):
+      assert compare(m, rng, batch, block_out=block_out) <= tol
