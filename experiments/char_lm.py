@@ -16,13 +16,23 @@ bpc = mean cross-entropy / ln 2 over the predicted bytes.
 
   python experiments/char_lm.py                         # tiny CPU run on tinyshakespeare
   python experiments/char_lm.py --setting paper --enwik8 enwik8   # the paper's (GPU)
+  python experiments/char_lm.py --setting paper-short --max-minutes 4   # its shape, ~3 GPU min
+
+``--max-minutes`` is a wall-time budget: when it runs out the trainer is sent SIGTERM,
+saves and stops after its current step (the run is then scored as it stands, flagged,
+and the same command resumes it). ``--run-dir`` puts the training run (checkpoints)
+elsewhere than OUT/run; OUT itself receives results.json and loss_curve.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +54,13 @@ SETTINGS = {
                   warmup=500, weight_decay=0.1, dropout=0.1, eval_every=1000, eval_size=512),
     "tiny": dict(n_layer=2, n_embd=128, ctx_len=128, batch_size=16, steps=400, lr=2e-3,
                  warmup=40, weight_decay=0.1, eval_every=100, eval_size=256, wkv_impl="scan"),
+    # The paper's shape for a few GPU minutes on tinyshakespeare: 1000 x 16 x 1024 = 16.4M
+    # tokens (~16 epochs of its 1.0M training bytes; more would mostly overfit a 41M-
+    # parameter model), bf16 matmuls, one checkpoint (the last: a 41M model's AdamW state
+    # is ~0.5 GB a save).
+    "paper-short": dict(n_layer=12, n_embd=512, ctx_len=1024, batch_size=16, steps=1000,
+                        lr=8e-4, warmup=100, weight_decay=0.1, dropout=0.1, eval_every=100,
+                        eval_size=512, save_every=0, dtype="bfloat16"),
 }
 
 
@@ -112,13 +129,65 @@ def bits_per_byte(model, data: np.ndarray, ctx_len: int, batch_size: int = 8) ->
   return {"loss": float(loss), "bpc": float(loss / math.log(2)), "bytes": int(tot[1])}
 
 
+class _Deadline:
+  """Sends this process one SIGTERM once ``seconds`` have passed (None: never) and the
+  trainer's own handler is in place (it turns the signal into "save and stop after this
+  step"; before its loop starts, the signal waits). A SIGTERM of this timer that arrives
+  after training is ignored; any other SIGTERM still ends the process."""
+
+  def __init__(self, seconds: float | None):
+    self.seconds, self.fired = seconds, False
+    self._cancel, self._thread, self._old = threading.Event(), None, None
+    self._handler = self._outside_training  # one object: compared by identity below
+
+  def _watch(self):
+    if self._cancel.wait(self.seconds):
+      return
+    while not self._cancel.wait(0.2):
+      if signal.getsignal(signal.SIGTERM) is not self._handler:  # the trainer's is in place
+        self.fired = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+  def _outside_training(self, signum, frame):
+    if not self.fired:  # not ours: behave as before
+      signal.signal(signal.SIGTERM, self._old)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def __enter__(self):
+    if self.seconds is not None:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+      self._thread = threading.Thread(target=self._watch, daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    if self._thread is not None:
+      self._cancel.set()
+      self._thread.join()
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def heldout_bytes(data: Path, ctx_len: int, val_fraction: float) -> np.ndarray:
+  """The trainer's validation part of a text file (byte tokenizer), as token ids."""
+  from rwkv_jax.data.text import TextData
+  from rwkv_jax.tokenizers import load_tokenizer
+
+  return np.asarray(TextData(data, load_tokenizer(None), ctx_len,
+                             val_fraction=val_fraction).val_tokens)
+
+
 def run(setting: str, out: Path, *, data: Path | None = None, enwik8: Path | None = None,
-        overrides: dict | None = None) -> dict:
+        overrides: dict | None = None, run_dir: Path | None = None,
+        max_minutes: float | None = None) -> dict:
   from rwkv_jax.checkpoint import load_model
+  from rwkv_jax.training import metrics as M
   from rwkv_jax.training.config import TrainConfig
   from rwkv_jax.training.trainer import run_training
 
   knobs = {**SETTINGS[setting], **(overrides or {})}
+  save_every = knobs.pop("save_every", knobs["eval_every"])
+  run_dir = Path(run_dir) if run_dir is not None else out / "run"
   t0 = time.perf_counter()
   test_bytes, val_fraction = None, 0.1
   if enwik8 is not None:
@@ -129,22 +198,37 @@ def run(setting: str, out: Path, *, data: Path | None = None, enwik8: Path | Non
     if data is None:
       raise SystemExit("no corpus: ../shared/data/tinyshakespeare.txt is absent; pass --data")
     corpus = f"{Path(data).name} (last 10% held out)"
-  cfg = TrainConfig(out=str(out / "run"), data=str(data), val_fraction=val_fraction,
-                    resume=True, progress=False, save_every=knobs["eval_every"],
+  cfg = TrainConfig(out=str(run_dir), data=str(data), val_fraction=val_fraction,
+                    resume=True, progress=False, save_every=save_every,
                     schedule="cosine", final_lr_ratio=0.1, b1=0.9, b2=0.99, **knobs)
-  summary = run_training(cfg)
-  if summary.get("interrupted"):
+  with _Deadline(None if max_minutes is None else 60 * max_minutes) as deadline:
+    summary = run_training(cfg)
+  stopped = bool(summary.get("interrupted")) and deadline.fired
+  if summary.get("interrupted") and not stopped:
     raise KeyboardInterrupt("training was interrupted; rerun the same command to resume")
+  evals = [(r["step"], r["eval_loss"] / math.log(2)) for r in M.read_metrics(run_dir)
+           if "eval_loss" in r]
   result = {"setting": setting, "corpus": corpus, "train_config": cfg.to_dict(),
             "params": summary["params"], "dropout": cfg.dropout, "paper": PAPER,
+            "steps_done": summary["steps"], "stopped_by_time_budget": stopped,
+            "max_minutes": max_minutes,
             "train_loss_last_step": summary["train_loss"],
             "train_bpc_last_step": summary["train_loss"] / math.log(2),
-            "val_bpc": summary["final_eval"]["loss"] / math.log(2),
+            "val_bpc": (None if summary["final_eval"] is None
+                        else summary["final_eval"]["loss"] / math.log(2)),
+            "val_curve": evals, "best_val_bpc": min((b for _, b in evals), default=None),
             "tokens_per_s": summary["tokens_per_s"], "machine": _common.machine(),
             "date": _common.RUN_DATE}
+  model, _ = load_model(run_dir)  # the saved (last) weights
   if test_bytes is not None:
-    model, _ = load_model(out / "run")
     result["test"] = bits_per_byte(model, test_bytes, knobs["ctx_len"])
+  else:  # validation = test here: score every held-out byte once
+    result["heldout"] = bits_per_byte(model, heldout_bytes(data, knobs["ctx_len"],
+                                                           val_fraction), knobs["ctx_len"])
+  curve = run_dir / "loss_curve.png"
+  if curve.is_file() and run_dir.resolve() != out.resolve():
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(curve, out / "loss_curve.png")
   result["wall_s"] = time.perf_counter() - t0
   _common.write_json(out / "results.json", result)
   return result
@@ -156,29 +240,46 @@ def main(argv=None) -> int:
   p.add_argument("--enwik8", help="the enwik8 file (standard 90M/5M/5M split)")
   p.add_argument("--data", help="a text file (default ../shared/data/tinyshakespeare.txt)")
   p.add_argument("--out", default=None, help="default experiments/out/char_lm-<setting>")
-  for name in ("steps", "batch_size", "ctx_len", "n_layer", "n_embd"):
+  p.add_argument("--run-dir", help="the training run's folder (default OUT/run)")
+  p.add_argument("--max-minutes", type=float,
+                 help="wall-time budget of the training (it then saves and stops)")
+  ints = ("steps", "batch_size", "ctx_len", "n_layer", "n_embd", "warmup", "eval_every",
+          "eval_size")
+  for name in ints:
     p.add_argument("--" + name.replace("_", "-"), type=int)
   p.add_argument("--lr", type=float)
+  p.add_argument("--dropout", type=float)
   p.add_argument("--wkv-impl", choices=["scan", "associative_scan", "pallas"])
   args = p.parse_args(argv)
   if args.enwik8 and args.data:
     raise SystemExit("pass --enwik8 or --data, not both")
-  overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "ctx_len", "n_layer",
-                                             "n_embd", "lr", "wkv_impl")
+  if args.max_minutes is not None and not args.max_minutes > 0:
+    raise SystemExit(f"--max-minutes must be > 0, got {args.max_minutes}")
+  overrides = {k: getattr(args, k) for k in (*ints, "lr", "dropout", "wkv_impl")
                if getattr(args, k) is not None}
   out = Path(args.out or _common.REPO / f"experiments/out/char_lm-{args.setting}").absolute()
   result = run(args.setting, out, data=Path(args.data).absolute() if args.data else None,
-               enwik8=Path(args.enwik8) if args.enwik8 else None, overrides=overrides)
+               enwik8=Path(args.enwik8) if args.enwik8 else None, overrides=overrides,
+               run_dir=Path(args.run_dir).absolute() if args.run_dir else None,
+               max_minutes=args.max_minutes)
   c = result["train_config"]
-  print(f"\n{result['machine']}; wall {result['wall_s']:.0f} s\n")
+  stop = (f"; STOPPED by the {args.max_minutes:g}-minute budget at step "
+          f"{result['steps_done']} of {c['steps']} (rerun to resume)"
+          if result["stopped_by_time_budget"] else "")
+  print(f"\n{result['machine']}; wall {result['wall_s']:.0f} s{stop}\n")
+  fmt = lambda v: "-" if v is None else v
+  held = result.get("heldout", {}).get("bpc")
   rows = [[f"ours ({args.setting})", result["corpus"], f"{c['n_layer']}x{c['n_embd']}",
-           c["ctx_len"], f"{result['params']:,}", f"{c['steps']} x {c['batch_size']}",
-           result["dropout"], result["train_bpc_last_step"], result["val_bpc"],
+           c["ctx_len"], f"{result['params']:,}",
+           f"{result['steps_done']} x {c['batch_size']}", result["dropout"],
+           result["train_bpc_last_step"], fmt(result["val_bpc"]),
+           fmt(result["best_val_bpc"]), fmt(held),
            result["test"]["bpc"] if "test" in result else "-"],
           ["paper RWKV (reg.)", "enwik8", "12x512", 1024, "-", "-", "0.1",
-           PAPER["train_bpc"], "-", PAPER["test_bpc"]]]
+           PAPER["train_bpc"], "-", "-", "-", PAPER["test_bpc"]]]
   _common.print_table(["run", "corpus", "L x d", "T", "params", "steps x batch", "dropout",
-                       "train bpc (last step)", "val bpc", "test bpc"], rows)
+                       "train bpc (last step)", "val bpc (end)", "best val bpc (every "
+                       f"{c['eval_every']})", "held-out bpc (all bytes)", "test bpc"], rows)
   return 0
 
 

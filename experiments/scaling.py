@@ -18,7 +18,10 @@ whose lookup is a gather; ``rwkv_jax.training.metrics.matmul_params``), D = toke
     around the best (numpy only).
 
   python experiments/scaling.py            # quick: CPU, 20 small runs, <= 15 min
-  python experiments/scaling.py --full     # GPU grid (see FULL)
+  python experiments/scaling.py --full --runs-dir /tmp/runs --max-minutes 8   # GPU (FULL)
+
+OUT receives results.json (rewritten after every run), scaling.png and table.md;
+``--runs-dir`` keeps the run folders (checkpoints) elsewhere.
 """
 
 from __future__ import annotations
@@ -62,15 +65,31 @@ class SweepSettings:
   val_fraction: float = 0.1
   seed: int = 0
   wkv_impl: str | None = None
+  dtype: str = "float32"
+  # lr of a run = lr * min(1, lr_width_ref / n_embd): wider models take smaller steps
+  # (AdamW's update per weight is ~lr whatever the width). None: the same lr for all.
+  lr_width_ref: int | None = None
+  saves_per_run: int = 4              # checkpoints per run (>= 50 steps apart), the last included
+
+  def run_lr(self, n_embd: int) -> float:
+    if self.lr_width_ref is None:
+      return self.lr
+    return self.lr * min(1.0, self.lr_width_ref / n_embd)
 
 
 # Quick: the lax.scan WKV, which compiles ~3x faster than associative_scan on CPU (the
 # compile dominates runs this small); the numbers are the same either way.
 QUICK = SweepSettings(sizes=((1, 16), (1, 32), (2, 48), (2, 96)),
                       tokens=(2**15, 2**16, 2**17, 2**18, 2**19), wkv_impl="scan")
-FULL = SweepSettings(sizes=((2, 64), (2, 128), (4, 128), (4, 256), (6, 384), (8, 512)),
-                     tokens=(2**20, 2**22, 2**24), ctx_len=256, batch_size=32, lr=1e-3,
-                     eval_size=512)
+# GPU (one H100, ~6 min): 5 sizes, N = 0.12M .. 20.6M matmul parameters (x170), x 4 budgets
+# of 0.5M .. 4M tokens (128 .. 1024 steps of 16 x 256; tinyshakespeare has ~1M training
+# tokens, so at most ~4 epochs: more would let the large models overfit). At these sizes a
+# step is bound by per-step overhead, not FLOPs, and each run compiles its own step (the lr
+# schedule's step counts are constants of the program), so the grid is kept to 20 runs and
+# a run keeps one checkpoint (its last). bf16 matmuls, the default (Pallas) WKV.
+FULL = SweepSettings(sizes=((2, 64), (2, 128), (4, 192), (4, 384), (6, 512)),
+                     tokens=(2**19, 2**20, 2**21, 2**22), ctx_len=256, batch_size=16, lr=3e-3,
+                     lr_width_ref=128, eval_size=512, dtype="bfloat16", saves_per_run=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +108,13 @@ def grid(settings: SweepSettings) -> list[SweepRun]:
   return [SweepRun(l, d, t) for (l, d), t in itertools.product(settings.sizes, settings.tokens)]
 
 
+def longest_first(runs: list[SweepRun]) -> list[SweepRun]:
+  """The order in which the CLI trains: largest token budget first (every size), then the
+  next. When ``--max-minutes`` stops a sweep, what is left out are the shortest runs,
+  which matter least to the fits (they sit on the steep start of training)."""
+  return sorted(runs, key=lambda r: -r.tokens)  # stable: sizes stay in grid order
+
+
 def train_config(run: SweepRun, settings: SweepSettings, data: Path, out: Path):
   """The TrainConfig of one grid point: steps = D / (batch x ctx_len), rounded up."""
   from rwkv_jax.training.config import TrainConfig
@@ -96,21 +122,29 @@ def train_config(run: SweepRun, settings: SweepSettings, data: Path, out: Path):
   steps = max(1, math.ceil(run.tokens / (settings.batch_size * settings.ctx_len)))
   return TrainConfig(
       out=str(out), steps=steps, batch_size=settings.batch_size, ctx_len=settings.ctx_len,
-      n_layer=run.n_layer, n_embd=run.n_embd, lr=settings.lr,
+      n_layer=run.n_layer, n_embd=run.n_embd, lr=settings.run_lr(run.n_embd),
       warmup=min(steps, max(1, round(settings.warmup_fraction * steps))),
       data=str(data), val_fraction=settings.val_fraction, seed=settings.seed,
-      eval_every=0, eval_size=settings.eval_size, save_every=max(50, steps // 4),
-      resume=True, progress=False, wkv_impl=settings.wkv_impl)
+      eval_every=0, eval_size=settings.eval_size,
+      save_every=max(50, steps // max(1, settings.saves_per_run)),
+      resume=True, progress=False, wkv_impl=settings.wkv_impl, dtype=settings.dtype)
 
 
 def run_sweep(runs: list[SweepRun], settings: SweepSettings, data: Path, out: Path, *,
-              train_fn: Callable | None = None, log=print) -> list[dict]:
-  """Trains every run that has no done-marker; returns one record per run (grid order)."""
+              train_fn: Callable | None = None, log=print, runs_dir: Path | None = None,
+              max_seconds: float | None = None,
+              on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
+  """Trains every run that has no done-marker; returns one record per finished run (grid
+  order). Run folders go under ``runs_dir`` (default ``out/runs``). With ``max_seconds``,
+  no new run starts once that much wall time has passed (the rest are logged as not run;
+  rerunning continues with them). ``on_record(records so far)`` follows every new run."""
   if train_fn is None:
     from rwkv_jax.training.trainer import run_training as train_fn
+  runs_dir = out / "runs" if runs_dir is None else Path(runs_dir)
+  start = time.perf_counter()
   records = []
   for i, run in enumerate(runs):
-    folder = out / "runs" / run.name
+    folder = runs_dir / run.name
     cfg = train_config(run, settings, data, folder)
     marker = folder / DONE
     if marker.is_file():
@@ -121,7 +155,10 @@ def run_sweep(runs: list[SweepRun], settings: SweepSettings, data: Path, out: Pa
         continue
       raise ValueError(f"{marker} was written by a different config; move {folder} away or "
                        f"choose another --out")
-    log(f"[{i + 1}/{len(runs)}] {run.name}: {cfg.steps} steps")
+    if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+      log(f"[{i + 1}/{len(runs)}] {run.name}: not run (the {max_seconds:.0f} s budget is spent)")
+      continue
+    log(f"[{i + 1}/{len(runs)}] {run.name}: {cfg.steps} steps, lr {cfg.lr:.3g}")
     t0 = time.perf_counter()
     summary = train_fn(cfg)
     if summary.get("interrupted") or summary.get("final_eval") is None:
@@ -133,10 +170,26 @@ def run_sweep(runs: list[SweepRun], settings: SweepSettings, data: Path, out: Pa
               "loss": float(summary["final_eval"]["loss"]),
               "bits_per_byte": summary["final_eval"].get("bits_per_byte"),
               "train_loss": summary.get("train_loss"), "wall_s": time.perf_counter() - t0,
-              "train_config": cfg.to_dict()}
+              "tokens_per_s": summary.get("tokens_per_s"),
+              "first_step_s": _first_step_seconds(folder), "train_config": cfg.to_dict()}
     _common.write_json(marker, record)
     records.append(record)
+    log(f"    loss {record['loss']:.4f} in {record['wall_s']:.1f} s (first step, with its "
+        f"compile: {record['first_step_s'] or float('nan'):.1f} s)")
+    if on_record is not None:
+      on_record(records)
   return records
+
+
+def _first_step_seconds(folder: Path) -> float | None:
+  """The wall time of the run's last compiling step (the first after a start or resume),
+  from the trainer's metrics.jsonl; None where it is not there."""
+  path = folder / "metrics.jsonl"
+  if not path.is_file():
+    return None
+  times = [rec.get("step_time_s") for rec in map(json.loads, path.read_text().splitlines())
+           if rec.get("includes_compile")]
+  return times[-1] if times else None
 
 
 # ---------------------------------------------------------------- analysis
@@ -310,23 +363,32 @@ def tables(records: list[dict], analysis: dict) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--full", action="store_true", help="the GPU grid")
+  p.add_argument("--full", action="store_true", help="the GPU grid (FULL)")
   p.add_argument("--data", help="text corpus (default ../shared/data/tinyshakespeare.txt)")
-  p.add_argument("--out", default=str(_common.REPO / "experiments/out/scaling"))
+  p.add_argument("--out", default=str(_common.REPO / "experiments/out/scaling"),
+                 help="results.json, scaling.png, table.md (and the runs, unless --runs-dir)")
+  p.add_argument("--runs-dir", help="where the run folders go (default OUT/runs)")
   p.add_argument("--sizes", help="comma-separated LxD, e.g. 1x16,2x64")
   p.add_argument("--tokens", help="comma-separated token budgets, e.g. 32768,131072")
   p.add_argument("--ctx-len", type=int)
   p.add_argument("--batch-size", type=int)
   p.add_argument("--lr", type=float)
+  p.add_argument("--wkv-impl", choices=["scan", "associative_scan", "pallas"])
+  p.add_argument("--max-minutes", type=float,
+                 help="start no new run after this many minutes; report the finished ones")
   args = p.parse_args(argv)
   settings = FULL if args.full else QUICK
   changes = {}
-  if args.sizes:
-    changes["sizes"] = tuple(tuple(int(v) for v in s.lower().split("x"))
-                             for s in args.sizes.split(","))
-  if args.tokens:
-    changes["tokens"] = tuple(int(float(t)) for t in args.tokens.split(","))
-  for key in ("ctx_len", "batch_size", "lr"):
+  try:
+    if args.sizes:
+      changes["sizes"] = tuple(tuple(int(v) for v in s.lower().split("x", 1))
+                               for s in args.sizes.split(","))
+    if args.tokens:
+      changes["tokens"] = tuple(int(float(t)) for t in args.tokens.split(","))
+  except ValueError:
+    p.error(f"--sizes takes LxD pairs (1x16,2x64), --tokens integers; got {args.sizes!r}, "
+            f"{args.tokens!r}")
+  for key in ("ctx_len", "batch_size", "lr", "wkv_impl"):
     if getattr(args, key) is not None:
       changes[key] = getattr(args, key)
   settings = dataclasses.replace(settings, **changes)
@@ -336,16 +398,39 @@ def main(argv=None) -> int:
   if not data.is_file():
     raise SystemExit(f"--data {data}: no such file")
   data, out = data.absolute(), Path(args.out).absolute()  # the done-markers record them
+  runs_dir = Path(args.runs_dir).absolute() if args.runs_dir else out / "runs"
+  runs = grid(settings)
+  steps = [math.ceil(r.tokens / (settings.batch_size * settings.ctx_len)) for r in runs]
+  print(f"{len(runs)} runs, {sum(steps):,} steps of {settings.batch_size} x "
+        f"{settings.ctx_len} tokens, {sum(r.tokens for r in runs):,} tokens in all; "
+        f"{settings.dtype}, wkv {settings.wkv_impl or 'default'}; runs in {runs_dir}")
   t0 = time.perf_counter()
-  records = run_sweep(grid(settings), settings, data, out)
-  analysis = analyse(records)
-  result = {"settings": dataclasses.asdict(settings), "data": str(data),
-            "machine": _common.machine(), "date": _common.RUN_DATE, "runs": records,
-            "analysis": analysis, "paper_r2": PAPER_R2, "wall_s": time.perf_counter() - t0}
-  _common.write_json(out / "results.json", result)
-  plot(records, analysis, out / "scaling.png")
-  print(f"\n{result['machine']}; sweep wall {result['wall_s']:.0f} s (skipped runs count 0)\n")
-  tables(records, analysis)
+
+  def report(records: list[dict], final: bool) -> None:
+    """results.json after every run, without the fits (a killed sweep leaves the runs it
+    finished; ``analyse`` them later); the fits, plot and tables at the end."""
+    order = {r.name: i for i, r in enumerate(runs)}
+    records = sorted(records, key=lambda rec: order.get(rec["name"], len(order)))
+    analysis = analyse(records) if final else None
+    done = {r["name"] for r in records}
+    result = {"settings": dataclasses.asdict(settings), "data": str(data),
+              "machine": _common.machine(), "date": _common.RUN_DATE, "runs": records,
+              "not_run": [r.name for r in runs if r.name not in done], "analysis": analysis,
+              "paper_r2": PAPER_R2, "wall_s": time.perf_counter() - t0}
+    _common.write_json(out / "results.json", result)
+    if not final:
+      return
+    plot(records, analysis, out / "scaling.png")
+    print(f"\n{result['machine']}; sweep wall {result['wall_s']:.0f} s (skipped runs count 0)"
+          + (f"; NOT RUN: {', '.join(result['not_run'])}" if result["not_run"] else "") + "\n")
+    (out / "table.md").write_text(tables(records, analysis) + "\n")
+
+  records = run_sweep(longest_first(runs), settings, data, out, runs_dir=runs_dir,
+                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+                      on_record=lambda recs: report(recs, final=False))
+  if not records:
+    raise SystemExit("no run finished: nothing to analyse")
+  report(records, final=True)
   return 0
 
 
