@@ -18,7 +18,7 @@ whose lookup is a gather; ``rwkv_jax.training.metrics.matmul_params``), D = toke
     around the best (numpy only).
 
   python experiments/scaling.py            # quick: CPU, 20 small runs, <= 15 min
-  python experiments/scaling.py --full --runs-dir /tmp/runs --max-minutes 8   # GPU (FULL)
+  python experiments/scaling.py --full --runs-dir /tmp/runs --max-minutes 7   # GPU, ~6 min
 
 OUT receives results.json (rewritten after every run), scaling.png and table.md;
 ``--runs-dir`` keeps the run folders (checkpoints) elsewhere.
