@@ -81,13 +81,13 @@ def test_sweep_time_budget_and_runs_folder(tmp_path, corpus):
 @pytest.mark.slow
 def test_scaling_cli_writes_results_plot_and_table_only_under_out(tmp_path, corpus):
   out, runs_dir = tmp_path / "out", tmp_path / "runs"
-  argv = ["--full", "--sizes", "1x8", "--tokens", "256,512", "--ctx-len", "16",
+  argv = ["--full", "--sizes", "1x8", "--tokens", "512", "--ctx-len", "16",
           "--batch-size", "4", "--wkv-impl", "scan", "--data", str(corpus), "--out", str(out),
           "--runs-dir", str(runs_dir)]
   assert scaling.main(argv) == 0
   assert sorted(p.name for p in out.iterdir()) == ["results.json", "scaling.png", "table.md"]
   result = json.loads((out / "results.json").read_text())
-  assert [r["name"] for r in result["runs"]] == ["L1-D8-tok256", "L1-D8-tok512"]
+  assert [r["name"] for r in result["runs"]] == ["L1-D8-tok512"]
   assert result["not_run"] == [] and result["analysis"]["frontier"]
   for r in result["runs"]:
     assert r["train_config"]["dtype"] == "bfloat16" and np.isfinite(r["loss"])
