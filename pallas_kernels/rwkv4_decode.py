@@ -83,7 +83,7 @@ class DecodePlan:
   Attributes:
     batch, c, f: batch size, n_embd, dim_ffn.
     block_out: output rows of each C-sized product per program (grid = c / block_out).
-    block_in: input width of a tile.
+    block_in, block_in_ffn: input width of a tile of a C-wide and an F-wide input.
     num_warps: Triton warps per program.
     eps: LayerNorm epsilon.
   """
@@ -93,6 +93,7 @@ class DecodePlan:
   f: int
   block_out: int
   block_in: int
+  block_in_ffn: int
   num_warps: int
   eps: float
 
@@ -106,19 +107,22 @@ class DecodePlan:
     return self.f // self.programs
 
   @classmethod
-  def make(cls, batch: int, c: int, f: int, eps: float, *, block_out: int = 16,
-           block_in: int = 256, num_warps: int = 4, max_batch: int = 8) -> "DecodePlan":
-    """The plan for these sizes, or ValueError when the fused step cannot take them."""
+  def make(cls, batch: int, c: int, f: int, eps: float, *, block_out: int = 2,
+           block_in: int = 1024, num_warps: int = 2, max_batch: int = 8) -> "DecodePlan":
+    """The plan for these sizes, or ValueError when the fused step cannot take them.
+
+    Defaults from H100 runs (169m bf16, batch 1, experiments/RESULTS.md): block_out 1, 2
+    or 4 within 3% of each other (0.251-0.258 ms/token); 8 rows with 2 warps spill.
+    """
     if not 1 <= batch <= max_batch:
       raise ValueError(f"the fused decode step takes batch 1..{max_batch}, got {batch}")
     if not (_pow2(block_out) and _pow2(block_in)):
       raise ValueError(f"block_out ({block_out}) and block_in ({block_in}) must be powers of two")
-    bi = _largest_pow2_divisor(c, block_in)
-    if c % block_out or bi < 16 or f % bi:
+    bi, bf = _largest_pow2_divisor(c, block_in), _largest_pow2_divisor(f, block_in)
+    if c % block_out or min(bi, bf) < 16:
       raise ValueError(f"the fused decode step needs n_embd ({c}) divisible by block_out "
-                       f"({block_out}) and a power of two >= 16 dividing n_embd and dim_ffn "
-                       f"({f})")
-    plan = cls(batch, c, f, block_out, bi, num_warps, eps)
+                       f"({block_out}) and by 16, and dim_ffn ({f}) divisible by 16")
+    plan = cls(batch, c, f, block_out, bi, bf, num_warps, eps)
     if f % plan.programs or not _pow2(plan.block_ffn):
       raise ValueError(f"dim_ffn ({f}) must split into {plan.programs} power-of-two blocks")
     return plan
@@ -133,69 +137,63 @@ def supports(batch: int, c: int, f: int, **kwargs) -> bool:
 
 
 # ----------------------------------------------------------------------------- in-kernel
+# Every loop below is over static tiles and unrolled: all loads of a program are issued
+# before the first reduction, and each sum over the input is one reduction of the
+# elementwise sum of its tiles (a program's latency is a handful of dependent steps).
 
-def _chunks(n: int, body, carry):
-  """carry = body(i, carry) for i < n: unrolled when short (all loads in flight at once),
-  a loop otherwise (bounded code size for wide models)."""
-  if n <= 16:
-    for i in range(n):
-      carry = body(i, carry)
-    return carry
-  return jax.lax.fori_loop(0, n, body, carry)
-
-
-def _cols(plan: DecodePlan, i):
-  """Input columns of tile i (a Python int when the tile loop is unrolled)."""
-  if isinstance(i, int):
-    return pl.ds(i * plan.block_in, plan.block_in)
-  return pl.ds(pl.multiple_of(i * plan.block_in, plan.block_in), plan.block_in)
+def _tiles(width: int, block: int):
+  """Static column slices covering [0, width) (block divides width)."""
+  return [pl.ds(i * block, block) for i in range(width // block)]
 
 
 def _rows(size: int):
   return pl.ds(pl.multiple_of(pl.program_id(0) * size, size), size)
 
 
-def _layer_norm_stats(plan: DecodePlan, x_ref, b):
-  """Mean and 1/std of row b of x (B, C), two passes as LayerNorm does."""
-  n = plan.c // plan.block_in
-  row = lambda i: x_ref[b, _cols(plan, i)].astype(F32)
-  mean = _chunks(n, lambda i, s: s + jnp.sum(row(i)), jnp.zeros((), F32)) / plan.c
-  var = _chunks(n, lambda i, s: s + jnp.sum(jnp.square(row(i) - mean)), jnp.zeros((), F32))
-  return mean, jax.lax.rsqrt(var / plan.c + plan.eps)
+def _tile_sum(tiles):
+  total = tiles[0]
+  for t in tiles[1:]:
+    total = total + t
+  return total
+
+
+def _layer_norm(plan: DecodePlan, x_ref, w_ref, b_ref, b):
+  """LayerNorm of row b of x (B, C) as (block_in,) column tiles: x is read once, two
+  passes (mean, then the variance around it) as the model's LayerNorm."""
+  tiles = _tiles(plan.c, plan.block_in)
+  xs = [x_ref[b, cs].astype(F32) for cs in tiles]
+  mean = jnp.sum(_tile_sum(xs)) / plan.c
+  ds = [x - mean for x in xs]
+  rstd = jax.lax.rsqrt(jnp.sum(_tile_sum([d * d for d in ds])) / plan.c + plan.eps)
+  return [d * rstd * w_ref[cs] + b_ref[cs] for d, cs in zip(ds, tiles)]
 
 
 def _mixed_products(plan, layer, x_ref, ln_w, ln_b, shift_ref, products, ln_out_ref):
   """LayerNorm(x), token shift against shift_ref[layer], and matrix-vector products.
 
   ``products``: (mix ref (C,), weight ref (O, C), rows slice) triples; each gives
-  W[rows] @ (mu * ln + (1 - mu) * shift) for every batch row, accumulated in float32
-  over tiles of the input. Program 0 also writes LN(x) (the next token's shift) to
-  ln_out_ref (B, C). Returns acc[p][b], each (rows,) float32.
+  W[rows] @ (mu * ln + (1 - mu) * shift) for every batch row, the input rounded to the
+  weights' dtype, accumulated in float32. Program 0 also writes LN(x) (the next token's
+  shift) to ln_out_ref (B, C). Returns acc[p][b], each (rows,) float32.
   """
-  stats = [_layer_norm_stats(plan, x_ref, b) for b in range(plan.batch)]
+  tiles = _tiles(plan.c, plan.block_in)
   dtype = products[0][1].dtype
-
-  def tile(i, acc):
-    cs = _cols(plan, i)
-    lw, lb = ln_w[cs], ln_b[cs]
-    weights = [w_ref[rows, cs].astype(F32) for _, w_ref, rows in products]
-    mus = [mu_ref[cs] for mu_ref, _, _ in products]
-    acc = [list(a) for a in acc]
-    for b, (mean, rstd) in enumerate(stats):
-      ln = (x_ref[b, cs] - mean) * rstd * lw + lb
-      shift = shift_ref[layer, b, cs]
-
+  weights = [[w_ref[rows, cs].astype(F32) for cs in tiles] for _, w_ref, rows in products]
+  mus = [[mu_ref[cs] for cs in tiles] for mu_ref, _, _ in products]
+  out = [[] for _ in products]
+  for b in range(plan.batch):
+    lns = _layer_norm(plan, x_ref, ln_w, ln_b, b)
+    shifts = [shift_ref[layer, b, cs] for cs in tiles]
+    for cs, ln in zip(tiles, lns):
       @pl.when(pl.program_id(0) == 0)
       def _():
         ln_out_ref[b, cs] = ln
 
-      for p, (w, mu) in enumerate(zip(weights, mus)):
-        mixed = (ln * mu + shift * (1.0 - mu)).astype(dtype).astype(F32)
-        acc[p][b] = acc[p][b] + jnp.sum(w * mixed[None, :], axis=1)
-    return acc
-
-  zeros = [[jnp.zeros((rows.size,), F32)] * plan.batch for _, _, rows in products]
-  return _chunks(plan.c // plan.block_in, tile, zeros)
+    for p, (ws, ms) in enumerate(zip(weights, mus)):
+      mixed = [(ln * mu + sh * (1.0 - mu)).astype(dtype).astype(F32)
+               for ln, sh, mu in zip(lns, shifts, ms)]
+      out[p].append(jnp.sum(_tile_sum([w * m[None, :] for w, m in zip(ws, mixed)]), axis=1))
+  return out
 
 
 def time_mix_kernel(x_ref, ln_w, ln_b, mix_k, mix_v, mix_r, w_k, w_v, w_r, decay, first,
@@ -228,20 +226,16 @@ def channel_in_kernel(x_ref, ln_w, ln_b, mix_k, mix_r, w_k, w_r, s_x, k_ref, r_r
 
 
 def project_kernel(x_ref, h_ref, w_ref, *refs, plan: DecodePlan, gated: bool):
-  """out (B, C) = x + [gate *] W h for this program's rows; h (B, I), W (C, I)."""
+  """out (B, C) = x + [gate *] W h for this program's rows; h (B, I), W (C, I), I = C or F."""
   gate_ref, out_ref = refs if gated else (None, refs[0])
   rows = _rows(plan.block_out)
   width = h_ref.shape[1]
-
-  def tile(i, acc):
-    cs = _cols(plan, i)
-    w = w_ref[rows, cs].astype(F32)
-    return [a + jnp.sum(w * h_ref[b, cs].astype(w_ref.dtype).astype(F32)[None, :], axis=1)
-            for b, a in enumerate(acc)]
-
-  acc = _chunks(width // plan.block_in, tile, [jnp.zeros((plan.block_out,), F32)] * plan.batch)
-  for b, a in enumerate(acc):
-    out_ref[b, rows] = x_ref[b, rows] + (gate_ref[b, rows] * a if gated else a)
+  tiles = _tiles(width, plan.block_in if width == plan.c else plan.block_in_ffn)
+  ws = [w_ref[rows, cs].astype(F32) for cs in tiles]
+  for b in range(plan.batch):
+    hs = [h_ref[b, cs].astype(w_ref.dtype).astype(F32) for cs in tiles]
+    acc = jnp.sum(_tile_sum([w * h[None, :] for w, h in zip(ws, hs)]), axis=1)
+    out_ref[b, rows] = x_ref[b, rows] + (gate_ref[b, rows] * acc if gated else acc)
 
 
 # ----------------------------------------------------------------------------- launches
