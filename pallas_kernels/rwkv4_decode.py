@@ -14,9 +14,11 @@ A program owns ``block_out`` output rows of every matrix it multiplies (the grid
 C / block_out programs) and walks the input in ``block_in``-wide tiles; LayerNorm
 statistics of the (C,) input are recomputed by every program (C floats, from L2), which
 is cheaper than a separate kernel. Weights come transposed, (out, in), so a tile's rows
-are contiguous. The math is the model's (rwkv_jax/model.py) in the same order: inputs to
-a product are rounded to the compute dtype, products accumulate in float32, the WKV step
-is the reference ``wkv_step``.
+are contiguous. The math is the model's (rwkv_jax/model.py) in the same order, the WKV
+step is the reference ``wkv_step``, with one difference in bfloat16: weights are bf16
+but the activations they multiply stay float32 (a matrix-vector product gains nothing
+from rounding them; the model's GEMMs round them to feed the tensor cores), so the fused
+step is the closer of the two to a float32 model.
 
 Refs are whole arrays. ``x`` (B, C) float32 is the residual stream; states come as the
 model's (L, B, C) arrays and ``layer`` (static) picks the row, so nothing is sliced or
@@ -172,12 +174,10 @@ def _mixed_products(plan, layer, x_ref, ln_w, ln_b, shift_ref, products, ln_out_
   """LayerNorm(x), token shift against shift_ref[layer], and matrix-vector products.
 
   ``products``: (mix ref (C,), weight ref (O, C), rows slice) triples; each gives
-  W[rows] @ (mu * ln + (1 - mu) * shift) for every batch row, the input rounded to the
-  weights' dtype, accumulated in float32. Program 0 also writes LN(x) (the next token's
+  W[rows] @ (mu * ln + (1 - mu) * shift) for every batch row, accumulated in float32. Program 0 also writes LN(x) (the next token's
   shift) to ln_out_ref (B, C). Returns acc[p][b], each (rows,) float32.
   """
   tiles = _tiles(plan.c, plan.block_in)
-  dtype = products[0][1].dtype
   weights = [[w_ref[rows, cs].astype(F32) for cs in tiles] for _, w_ref, rows in products]
   mus = [[mu_ref[cs] for cs in tiles] for mu_ref, _, _ in products]
   out = [[] for _ in products]
@@ -190,8 +190,7 @@ def _mixed_products(plan, layer, x_ref, ln_w, ln_b, shift_ref, products, ln_out_
         ln_out_ref[b, cs] = ln
 
     for p, (ws, ms) in enumerate(zip(weights, mus)):
-      mixed = [(ln * mu + sh * (1.0 - mu)).astype(dtype).astype(F32)
-               for ln, sh, mu in zip(lns, shifts, ms)]
+      mixed = [ln * mu + sh * (1.0 - mu) for ln, sh, mu in zip(lns, shifts, ms)]
       out[p].append(jnp.sum(_tile_sum([w * m[None, :] for w, m in zip(ws, mixed)]), axis=1))
   return out
 
@@ -233,7 +232,7 @@ def project_kernel(x_ref, h_ref, w_ref, *refs, plan: DecodePlan, gated: bool):
   tiles = _tiles(width, plan.block_in if width == plan.c else plan.block_in_ffn)
   ws = [w_ref[rows, cs].astype(F32) for cs in tiles]
   for b in range(plan.batch):
-    hs = [h_ref[b, cs].astype(w_ref.dtype).astype(F32) for cs in tiles]
+    hs = [h_ref[b, cs].astype(F32) for cs in tiles]
     acc = jnp.sum(_tile_sum([w * h[None, :] for w, h in zip(ws, hs)]), axis=1)
     out_ref[b, rows] = x_ref[b, rows] + (gate_ref[b, rows] * acc if gated else acc)
 

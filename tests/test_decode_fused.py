@@ -69,11 +69,20 @@ def test_fused_step_from_an_empty_state(model, rng):
   assert max(rel_err(a, b) for a, b in zip(s_got, s_want)) <= TOL
 
 
-def test_fused_step_in_bfloat16(rng):
+def test_fused_step_in_bfloat16_is_at_least_as_close_to_float32(rng):
+  """Both steps use the same bf16 weights; the model's GEMMs also round the activations
+  to bf16, the fused step keeps them float32. Measured against the float32 model."""
   cfg = RWKVConfig.preset("tiny", dtype="bfloat16")
   m = random_model(cfg, seed=int(rng.integers(1 << 20)))
-  # Both round the same mixed inputs and weights to bfloat16 and accumulate in float32.
-  assert compare(m, rng, 2, steps=1) <= 1e-4
+  m32 = random_model(cfg.replace(dtype="float32"), seed=0)
+  nnx.update(m32, nnx.state(m, nnx.Param))
+  state = random_state(m32, rng, 2)
+  tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (2,)), jnp.int32)
+  exact = _model_step(m32, tok, state)
+  err = lambda out: max([rel_err(out[0].reshape(2, -1), exact[0].reshape(2, -1))] +
+                        [rel_err(a, b) for a, b in zip(out[1], exact[1])])
+  fused, model = err(_fused_step(m, tok, state)), err(_model_step(m, tok, state))
+  assert 1e-6 < fused <= 1.1 * model <= 5e-2, (fused, model)
 
 
 def test_generate_with_the_fused_step_equals_the_model_step(model, rng):
@@ -136,10 +145,9 @@ def random_model_shape(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [("float32", TOL), ("bfloat16", 1e-3)])
-def test_fused_step_at_169m_width_on_gpu(rng, dtype, tol):
-  cfg = RWKVConfig.preset("169m", dtype=dtype, n_layer=2, vocab_size=1000)
+def test_fused_step_at_169m_width_on_gpu(rng):
+  cfg = RWKVConfig.preset("169m", n_layer=2, vocab_size=1000)
   m = random_model(cfg, seed=int(rng.integers(1 << 20)))
   with jax.default_matmul_precision("highest"):
-    for batch, block_out in ((1, 8), (4, 16)):
-      assert compare(m, rng, batch, block_out=block_out) <= tol
+    for batch, block_out in ((1, 2), (4, 4), (8, 8)):
+      assert compare(m, rng, batch, block_out=block_out) <= TOL
