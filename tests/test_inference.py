@@ -316,6 +316,8 @@ def test_cli_generate_and_chat_from_a_training_directory(tmp_path, capsys):
                   stop_tokens=[tok.eot_id])
   want_text = "hi" + tok.decode(list(want.tokens[0, :want.lengths[0]])) + "\n"
   assert capsys.readouterr().out == want_text
+  assert main(["generate", *common, "--prompt", "hi", "--decode-step", "pallas"]) == 0
+  assert capsys.readouterr().out == want_text  # the fused step computes the same function
 
   args = build_parser().parse_args(["chat", *common])
   out = io.StringIO()

@@ -35,7 +35,7 @@ class ChatSession:
   def __init__(self, model, tokenizer=None, *, sampling: SamplingConfig | None = None,
                key=None, max_conversations: int = 16,
                stop_tokens: Sequence[int] | None = None, chunk_size: int = 16,
-               implementation: str | None = None):
+               implementation: str | None = None, decode_step: str | None = None):
     if isinstance(max_conversations, bool) or not isinstance(max_conversations, int) \
         or max_conversations < 1:
       raise ValueError(f"max_conversations must be a positive integer, got {max_conversations!r}")
@@ -49,6 +49,7 @@ class ChatSession:
     self.stop_tokens = tuple(stop_tokens)
     self.chunk_size = chunk_size
     self.implementation = implementation
+    self.decode_step = decode_step
     self._key = as_key(key)
     self._turn = 0
     self._states: collections.OrderedDict[Hashable, RWKVState] = collections.OrderedDict()
@@ -111,7 +112,7 @@ class ChatSession:
     out = generate(self.model, [self._encode(message)], max_new_tokens=max_new_tokens,
                    sampling=self.sampling, key=self._next_key(),
                    state=self._states.get(conversation), stop_tokens=self.stop_tokens,
-                   implementation=self.implementation)
+                   implementation=self.implementation, decode_step=self.decode_step)
     self.set_state(conversation, out.state)
     return [int(t) for t in out.tokens[0, :out.lengths[0]]]
 
@@ -122,7 +123,8 @@ class ChatSession:
     tokens = TokenStream(self.model, [self._encode(message)], max_new_tokens=max_new_tokens,
                          sampling=self.sampling, key=self._next_key(),
                          state=self._states.get(conversation), stop_tokens=self.stop_tokens,
-                         chunk_size=self.chunk_size, implementation=self.implementation)
+                         chunk_size=self.chunk_size, implementation=self.implementation,
+                         decode_step=self.decode_step)
     for tok in tokens:
       yield int(tok[0])
     self.set_state(conversation, tokens.state)

@@ -27,6 +27,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                  help="token id that ends a reply (repeatable; default: the tokenizer's "
                       "end-of-text id)")
   p.add_argument("--chunk-size", type=int, default=16, help="decode steps per device call")
+  p.add_argument("--decode-step", choices=("model", "pallas"), default=None,
+                 help="the model's one-token forward or the fused Pallas step (default: "
+                      "fused on a GPU)")
 
 
 def register(subparsers) -> None:
@@ -137,7 +140,8 @@ def run_generate(args, out=None) -> int:
   decoder = IncrementalDecoder(tokenizer)
   _write(out, args.prompt)
   for token in stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      key=args.seed, stop_tokens=stops, chunk_size=args.chunk_size):
+                      key=args.seed, stop_tokens=stops, chunk_size=args.chunk_size,
+                      decode_step=args.decode_step):
     _write(out, decoder.push(token))
   _write(out, decoder.flush() + "\n")
   return 0
@@ -149,7 +153,8 @@ def run_chat(args, inp=None, out=None) -> int:
   inp, out = inp or sys.stdin, out or sys.stdout
   model, tokenizer, sampling, stops = _load(args)
   session = ChatSession(model, tokenizer, sampling=sampling, key=args.seed, stop_tokens=stops,
-                        chunk_size=args.chunk_size, max_conversations=1)
+                        chunk_size=args.chunk_size, max_conversations=1,
+                        decode_step=args.decode_step)
   interactive, first = inp.isatty(), True
   while True:
     if interactive:
