@@ -252,8 +252,9 @@ def check_resharding(saved, workdir: Path) -> dict:
   return report
 
 
-def check_multi(workdir: Path, ref, graphdef, params) -> dict:
-  """Compares the multi-process run's loss/gradients and restores its checkpoint here."""
+def check_multi(workdir: Path, ref, graphdef, params, inputs) -> dict:
+  """Compares the multi-process run's loss/gradients and greedy generation with this
+  process's, and restores its checkpoint here."""
   multi = json.loads((workdir / "multi.json").read_text())
   grads = dict(np.load(workdir / "multi_grads.npz"))
   ref_grads = {path_str(p): np.asarray(g)
@@ -263,7 +264,13 @@ def check_multi(workdir: Path, ref, graphdef, params) -> dict:
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(workdir / "ckpt_multi",
                              sh.abstract_tree(jax.eval_shape(lambda: params), shardings))
+  ref_gen = generate_tokens(graphdef, params, inputs)
+  gen = multi["generate"]
   return {
+      "generate_tokens_equal": gen["tokens"] == ref_gen["tokens"],
+      "generate_lengths": gen["lengths"],
+      "generate_state_rel_err": max(rel_err(np.asarray(a), np.asarray(b))
+                                    for a, b in zip(gen["state"], ref_gen["state"])),
       "processes": multi["processes"], "global_devices": multi["global_devices"],
       "local_rows": multi["local_rows"],
       "loss_rel_err": abs(multi["loss"] - float(ref[0])) / abs(float(ref[0])),
@@ -277,6 +284,24 @@ def check_multi(workdir: Path, ref, graphdef, params) -> dict:
 
 GEN_MESHES = ("data=8", "tensor=2,fsdp=2,data=2")
 GEN_NEW = 6
+
+
+def generate_tokens(graphdef, params, inputs, mesh=None) -> dict:
+  """Greedy tokens of the GEN prompts, and the final state gathered to the host."""
+  from jax.experimental import multihost_utils
+
+  from rwkv_jax.inference.generate import generate
+  from rwkv_jax.inference.sampling import SamplingConfig
+
+  model = nnx.merge(graphdef, params)
+  prompts = [inputs[b, :3 + 2 * b].tolist() for b in range(BATCH)]
+  got = generate(model, prompts, max_new_tokens=GEN_NEW, sampling=SamplingConfig.greedy(),
+                 key=0, mesh=mesh)
+  state = got.state
+  if mesh is not None and jax.process_count() > 1:
+    state = multihost_utils.process_allgather(state, tiled=True)
+  return {"tokens": got.tokens.tolist(), "lengths": got.lengths.tolist(),
+          "state": [np.asarray(x).tolist() for x in state]}
 
 
 def check_generate(graphdef, params, inputs) -> dict:
@@ -363,7 +388,7 @@ def run_single(seed: int, workdir: Path):
   while not (workdir / "multi.json").exists() and time.time() < deadline:
     time.sleep(0.5)
   if (workdir / "multi.json").exists():
-    out["multi"] = check_multi(workdir, state["ref"], graphdef, params)
+    out["multi"] = check_multi(workdir, state["ref"], graphdef, params, inputs)
   (workdir / "single.json").write_text(json.dumps(out))
 
 
@@ -379,6 +404,7 @@ def run_multi(seed: int, workdir: Path):
   loss, grads, _, _ = fn(p, jax.device_put(TX.init(params), o_sh), *batch)
   from jax.experimental import multihost_utils
   full = multihost_utils.process_allgather(grads, tiled=True)
+  gen = generate_tokens(graphdef, params, inputs, mesh)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(workdir / "ckpt_multi", p)
   if sh.is_main_process():
@@ -386,7 +412,7 @@ def run_multi(seed: int, workdir: Path):
              **{path_str(k): np.asarray(g) for k, g in jax.tree_util.tree_flatten_with_path(full)[0]})
     tmp = workdir / "multi.json.tmp"  # renamed when complete: the single run polls for it
     tmp.write_text(json.dumps({
-        "loss": float(loss), "processes": jax.process_count(),
+        "loss": float(loss), "processes": jax.process_count(), "generate": gen,
         "global_devices": jax.device_count(), "local_rows": rows.tolist()}))
     tmp.rename(workdir / "multi.json")
   multihost_utils.sync_global_devices("done")

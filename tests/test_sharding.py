@@ -207,6 +207,10 @@ def test_multi_process_run_matches_and_its_checkpoint_reshards(report):
   assert m["grad_leaves"] > 20
   assert m["loss_rel_err"] <= TOL and m["grad_rel_err"] <= TOL, m
   assert m["restore_max_abs_diff"] == 0.0
+  # generate(mesh=) on a mesh spanning both processes: every process gets all tokens back.
+  assert m["generate_tokens_equal"], m
+  assert m["generate_lengths"] == [6] * 8
+  assert m["generate_state_rel_err"] <= TOL
 
 
 def test_train_cli_mesh_resumes_on_other_meshes(report, tmp_path):

@@ -216,6 +216,17 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
   return _Setup(graphdef, params, carry, as_key(key), options, single, mesh)
 
 
+def to_host(x) -> np.ndarray:
+  """A device array as numpy. Under several processes (``jax.distributed``) an output
+  split over a mesh spans devices this process cannot read: every process then gathers
+  the whole array (a collective, so all processes must call this together)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _decode(s: _Setup, carry, max_new_tokens: int, steps: int):
   program = decode_program if s.mesh is None else functools.partial(decode_on_mesh, s.mesh)
   return program(s.graphdef, s.params, carry, s.key, jnp.int32(max_new_tokens), steps=steps,
@@ -247,7 +258,10 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
       parameters are placed as the rules table says, prompts, states (L, B, C) and logits
       are split over its batch axes (data, fsdp), and the prefill and decode programs are
       jitted with these explicit in/out shardings. The number of prompts must divide by
-      data * fsdp. None: one device (the default device's programs, unchanged).
+      data * fsdp. None: one device (the default device's programs, unchanged). Under
+      ``jax.distributed`` every process calls ``generate`` with the same prompts and
+      arguments (the mesh may span processes); each gets all tokens back, while ``state``
+      and ``logits`` stay global arrays split over the mesh.
     decode_step: "model" (the model's own one-token forward), "pallas" (the fused decode
       kernels of pallas_kernels/rwkv4_decode, batch <= 8, one device) or None: "pallas"
       on a GPU where it fits, else "model". Both compute the same function.
@@ -257,8 +271,7 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
              implementation=implementation, tokens_per_call=tokens_per_call,
              min_parallel=min_parallel, mesh=mesh, decode_step=decode_step)
   carry, tokens, active = _decode(s, s.carry, max_new_tokens, max_new_tokens)
-  return GenerateOutput(np.asarray(tokens), np.asarray(active).sum(1), carry.state,
-                        carry.logits)
+  return GenerateOutput(to_host(tokens), to_host(active).sum(1), carry.state, carry.logits)
 
 
 class TokenStream:
@@ -307,14 +320,14 @@ class TokenStream:
       # while the host yields; an extra chunk after the end changes nothing (no sequence
       # is active in it).
       pending = self._launch(carry) if produced < self._max_new else None
-      tokens, active = np.asarray(tokens), np.asarray(active)
+      tokens, active = to_host(tokens), to_host(active)
       for i in range(tokens.shape[1]):
         if not active[:, i].any():
           break
         for b in np.flatnonzero(active[:, i]):
           self.tokens[b].append(int(tokens[b, i]))
         yield int(tokens[0, i]) if single else tokens[:, i].copy()
-      if pending is None or bool(np.all(np.asarray(carry.done))):
+      if pending is None or bool(np.all(to_host(carry.done))):
         break
     self.state, self.logits, self.finished = carry.state, carry.logits, True
 
