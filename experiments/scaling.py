@@ -14,8 +14,8 @@ whose lookup is a gather; ``rwkv_jax.training.metrics.matmul_params``), D = toke
   * log L = a + b log C fitted on the frontier; r^2 (the paper reports 0.994 on its 45-model
     frontier), and the frontier's last point predicted from a fit to the others;
   * L(N, D) = E + A / N^alpha + B / D^beta over all runs, by least squares: a grid over
-    (alpha, beta) with (E, A, B) >= 0 solved linearly at each point, then a finer grid
-    around the best (numpy only).
+    (alpha, beta) with (E, A, B) >= 0 solved linearly at each point, then a continuous
+    polish from several of its cells (numpy only).
 
   python experiments/scaling.py            # quick: CPU, 20 small runs, <= 15 min
   python experiments/scaling.py --full --runs-dir /tmp/runs --max-minutes 7   # GPU, ~6 min
@@ -222,55 +222,156 @@ def r_squared(y, pred) -> float:
   return 1.0 - float(np.square(y - pred).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
 
-def _nonneg_lstsq(x, y):
-  """min ||x c - y|| with c >= 0 for a 3-column x, by trying every active set (8 of them)."""
-  best = (np.inf, None)
-  for cols in itertools.chain.from_iterable(itertools.combinations(range(3), k)
-                                            for k in range(1, 4)):
-    sub, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-    if (sub < 0).any():
-      continue
-    c = np.zeros(3)
-    c[list(cols)] = sub
-    sse = float(np.square(x @ c - y).sum())
-    if sse < best[0]:
-      best = (sse, c)
-  return best
+# Every support of (E, A, B) that a non-negative solution can have, the empty one included.
+_SUPPORTS = [cols for k in range(4) for cols in itertools.combinations(range(3), k)]
 
 
-def fit_chinchilla(n, d, loss, alphas=None, betas=None, refine: int = 6) -> dict:
+def _chinchilla_profile(u, v, y, alpha, beta):
+  """The exact non-negative least-squares (E, A, B) for each of G exponent pairs.
+
+  u, v, y: (M,) scaled N, scaled D, loss; alpha, beta: (G,). The model is linear in
+  c = (E, A, B) for fixed exponents: X = [1, u^-alpha, v^-beta] (G M 3). The optimum over
+  c >= 0 is the unconstrained fit on its support with every coefficient >= 0, so the best
+  feasible fit over the 8 supports is exact (no iterative NNLS). Returns sse (G,), c (G 3),
+  X (G M 3).
+  """
+  x = np.stack(np.broadcast_arrays(np.ones((alpha.size, y.size)),
+                                   u[None, :] ** -alpha[:, None],
+                                   v[None, :] ** -beta[:, None]), axis=-1)
+  best_sse, best_c = np.full(alpha.size, np.inf), np.zeros((alpha.size, 3))
+  for cols in _SUPPORTS:
+    c = np.zeros((alpha.size, 3))
+    if cols:
+      c[:, cols] = (np.linalg.pinv(x[:, :, cols]) @ y[None, :, None])[..., 0]  # G k
+    sse = np.square(np.einsum("gmk,gk->gm", x, c) - y).sum(-1)
+    better = (c >= 0).all(-1) & (sse < best_sse)
+    best_sse[better], best_c[better] = sse[better], c[better]
+  return best_sse, best_c, x
+
+
+def _grid_starts(sse, count):
+  """Flat indices of up to ``count`` cells of a 2-d SSE grid to start the polish from.
+
+  First the local minima (one per basin the grid resolves), then the valley floor (the best
+  cell of every row and every column: a narrow valley that runs obliquely has its floor
+  between cells, so its true minimum can lie in a basin the grid does not show), each
+  best first. Cells of equal SSE (a plateau where a coefficient is 0 and its exponent does
+  nothing) count once.
+  """
+  padded = np.pad(sse, 1, constant_values=np.inf)
+  h, w = sse.shape
+  neighbours = np.stack([padded[1 + i:1 + i + h, 1 + j:1 + j + w]
+                         for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j])
+  flat = sse.ravel()
+  minima = np.flatnonzero(sse <= neighbours.min(0))
+  floor = np.concatenate([np.arange(h) * w + sse.argmin(1), sse.argmin(0) * w + np.arange(w)])
+  picked, seen = [], []
+  for group in (minima, floor):
+    for i in sorted(set(group.tolist()), key=lambda i: (flat[i], i)):
+      if len(picked) < count and not np.isclose(flat[i], seen, rtol=1e-12, atol=0).any():
+        picked.append(i)
+        seen.append(flat[i])
+  return np.asarray(picked, int)
+
+
+def _sse_gradient(u, v, y, theta):
+  """Profiled SSE and its exact gradient in theta = log(alpha, beta) (S 2), for S points.
+
+  With c the exact non-negative fit, d SSE / d theta = 2 r . (dX/dtheta c) (the envelope
+  theorem: c is optimal, so its own change does not count), r = X c - y. Returns sse (S,),
+  grad (S 2).
+  """
+  exps = np.exp(theta)
+  sse, c, x = _chinchilla_profile(u, v, y, exps[:, 0], exps[:, 1])
+  r = np.einsum("smk,sk->sm", x, c) - y
+  # d(u^-alpha)/d(log alpha) = -alpha log(u) u^-alpha
+  dx = -np.stack([np.log(u), np.log(v)])[None] * x[:, :, 1:].transpose(0, 2, 1)  # S 2 M
+  return sse, 2 * np.einsum("sim,sm->si", dx, r) * c[:, 1:] * exps
+
+
+def _polish_exponents(u, v, y, exps, sse, bounds, iters=100, h=1e-5):
+  """Damped Newton over theta = log(alpha, beta) on the profiled SSE, all starts at once.
+
+  exps (S 2), sse (S,): the starts' exponents and profiled SSE. Exact gradient
+  (``_sse_gradient``), Hessian by central differences of it (the residuals of noisy data
+  are not small, so Gauss-Newton's J^T J alone converges slowly along the curved valley).
+  The Hessian is shifted to be positive definite and damped Levenberg-Marquardt style; a
+  step is kept only where it lowers the SSE, so every start ends no worse than it began.
+  Log exponents: a step toward 0 shrinks an exponent by a factor instead of clipping it to
+  the bound, where its coefficient would go to 0 and leave it on a flat plateau. Returns
+  exps (S 2), sse (S,).
+  """
+  theta, lo, hi = np.log(exps), np.log(bounds[0]), np.log(bounds[1])
+  lam = np.full(len(theta), 1e-3)
+  live = np.ones(len(theta), bool)
+  offsets = np.array([[h, 0], [-h, 0], [0, h], [0, -h]])
+  for _ in range(iters):
+    if not live.any():
+      break
+    idx = np.flatnonzero(live)
+    t = theta[idx]
+    _, grad = _sse_gradient(u, v, y, t)
+    _, g_off = _sse_gradient(u, v, y, (t[:, None] + offsets).reshape(-1, 2))
+    g_off = g_off.reshape(-1, 4, 2)
+    hess = np.stack([g_off[:, 0] - g_off[:, 1], g_off[:, 2] - g_off[:, 3]], 1) / (2 * h)
+    hess = (hess + hess.transpose(0, 2, 1)) / 2
+    # an exponent at a bound that the gradient pushes outward is held there (projected
+    # step), so the other one still moves
+    free = ~(((t <= lo) & (grad > 0)) | ((t >= hi) & (grad < 0)))
+    grad = grad * free
+    hess = hess * (free[:, :, None] & free[:, None, :]) + np.eye(2) * ~free[:, None, :]
+    scale = np.abs(hess).max((1, 2)) + 1e-300
+    shift = np.maximum(0.0, -np.linalg.eigvalsh(hess)[:, 0]) + (lam[idx] + 1e-12) * scale
+    step = -np.linalg.solve(hess + shift[:, None, None] * np.eye(2), grad[..., None])[..., 0]
+    # at most a factor e per exponent and step: where the SSE barely depends on one
+    # exponent the step along it is huge and would jump over its basin
+    step = np.clip(step, -1.0, 1.0)
+    trial = np.clip(t + step, lo, hi)
+    trial_sse, _, _ = _chinchilla_profile(u, v, y, *np.exp(trial).T)
+    better = trial_sse < sse[idx]
+    theta[idx[better]], sse[idx[better]] = trial[better], trial_sse[better]
+    lam[idx] = np.where(better, lam[idx] / 3, lam[idx] * 4)
+    # done: steps keep failing, or the step no longer moves the exponents
+    live[idx] = (lam[idx] < 1e8) & ~(better & (np.abs(trial - t).max(-1) < 1e-12))
+  return np.exp(theta), sse
+
+
+def fit_chinchilla(n, d, loss, alphas=None, betas=None, starts: int = 12) -> dict:
   """L(N, D) = E + A / N^alpha + B / D^beta with E, A, B >= 0 (least squares in L).
 
-  For fixed exponents the model is linear in (E, A, B), so a grid over (alpha, beta)
-  with an exact non-negative solve at each point finds the global optimum on the grid;
-  ``refine`` rounds of a finer grid over +-3 cells around the best point follow (a window
-  of one cell often missed the true basin when the exponents are small). N and D are scaled
+  For fixed exponents the model is linear in (E, A, B), so the fit is a search over
+  (alpha, beta) alone, each point solved exactly for (E, A, B) >= 0. A coarse grid
+  (``alphas`` x ``betas``, default 40 x 40 over [0.05, 2]) finds the basins; the SSE
+  valley is long and narrow, so the best grid cell can lie in the wrong one: up to
+  ``starts`` cells (``_grid_starts``) are each polished by a damped Newton iteration
+  (continuous, exponents kept in [1e-3, 5]) and the best result wins. N and D are scaled
   by their geometric means inside the solve for conditioning (A and B are reported for
-  the raw N, D).
+  the raw N, D). ``sse`` is in the returned dict so a caller can compare fits.
   """
   n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
   if not (n.size == d.size == loss.size) or n.size < 4:
     raise ValueError(f"L(N, D) has 5 parameters; need >= 4 runs of equal-length N, D, L, "
                      f"got {n.size}, {d.size}, {loss.size}")
+  if not ((n > 0).all() and (d > 0).all() and np.isfinite(loss).all()):
+    raise ValueError("L(N, D) fit: N and D must be > 0 and every loss finite")
   n0, d0 = np.exp(np.log(n).mean()), np.exp(np.log(d).mean())
+  u, v = n / n0, d / d0
   alphas = np.linspace(0.05, 2.0, 40) if alphas is None else np.asarray(alphas, float)
   betas = np.linspace(0.05, 2.0, 40) if betas is None else np.asarray(betas, float)
-  best = (np.inf, None, None, None)
-  for _ in range(refine + 1):
-    for a in alphas:
-      for b in betas:
-        x = np.stack([np.ones_like(n), (n / n0) ** -a, (d / d0) ** -b], axis=1)
-        sse, c = _nonneg_lstsq(x, loss)
-        if sse < best[0]:
-          best = (sse, a, b, c)
-    step_a, step_b = alphas[1] - alphas[0], betas[1] - betas[0]
-    alphas = np.linspace(max(best[1] - 3 * step_a, 1e-3), best[1] + 3 * step_a, 31)
-    betas = np.linspace(max(best[2] - 3 * step_b, 1e-3), best[2] + 3 * step_b, 31)
-  sse, alpha, beta, (e, a_s, b_s) = best
-  pred = e + a_s * (n / n0) ** -alpha + b_s * (d / d0) ** -beta
+  ga, gb = (g.ravel() for g in np.meshgrid(alphas, betas, indexing="ij"))
+  sse, _, _ = _chinchilla_profile(u, v, loss, ga, gb)
+  cells = _grid_starts(sse.reshape(alphas.size, betas.size), max(1, starts))
+  bounds = (1e-3, 5.0)
+  exps = np.clip(np.stack([ga[cells], gb[cells]], 1), *bounds)
+  exps, sse = _polish_exponents(u, v, loss, exps, _chinchilla_profile(u, v, loss, *exps.T)[0],
+                                bounds)
+  alpha, beta = exps[np.argmin(sse)]
+  sse, c, x = _chinchilla_profile(u, v, loss, np.array([alpha]), np.array([beta]))
+  (e, a_s, b_s), pred = c[0], x[0] @ c[0]
   return {"E": float(e), "A": float(a_s * n0**alpha), "B": float(b_s * d0**beta),
           "alpha": float(alpha), "beta": float(beta), "r2": r_squared(loss, pred),
-          "rmse": float(np.sqrt(sse / loss.size)), "n_points": int(loss.size)}
+          "rmse": float(np.sqrt(sse[0] / loss.size)), "sse": float(sse[0]),
+          "n_points": int(loss.size)}
 
 
 def chinchilla_predict(fit: dict, n, d):
