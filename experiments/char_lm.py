@@ -18,9 +18,9 @@ bpc = mean cross-entropy / ln 2 over the predicted bytes.
   python experiments/char_lm.py --setting paper --enwik8 enwik8   # the paper's (GPU)
   python experiments/char_lm.py --setting paper-short --max-minutes 4   # its shape, ~3 GPU min
 
-``--max-minutes`` is a wall-time budget: when it runs out the trainer is sent SIGTERM,
-saves and stops after its current step (the run is then scored as it stands, flagged,
-and the same command resumes it). ``--run-dir`` puts the training run (checkpoints)
+``--max-minutes`` is the trainer's wall-time budget (``TrainConfig.max_minutes``): when it
+runs out the trainer saves and stops after its current step (the run is then scored as
+it stands, flagged, and the same command resumes it). ``--run-dir`` puts the training run (checkpoints)
 elsewhere than OUT/run; OUT itself receives results.json and loss_curve.png.
 """
 
@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -129,45 +126,6 @@ def bits_per_byte(model, data: np.ndarray, ctx_len: int, batch_size: int = 8) ->
   return {"loss": float(loss), "bpc": float(loss / math.log(2)), "bytes": int(tot[1])}
 
 
-class _Deadline:
-  """Sends this process one SIGTERM once ``seconds`` have passed (None: never) and the
-  trainer's own handler is in place (it turns the signal into "save and stop after this
-  step"; before its loop starts, the signal waits). A SIGTERM of this timer that arrives
-  after training is ignored; any other SIGTERM still ends the process."""
-
-  def __init__(self, seconds: float | None):
-    self.seconds, self.fired = seconds, False
-    self._cancel, self._thread, self._old = threading.Event(), None, None
-    self._handler = self._outside_training  # one object: compared by identity below
-
-  def _watch(self):
-    if self._cancel.wait(self.seconds):
-      return
-    while not self._cancel.wait(0.2):
-      if signal.getsignal(signal.SIGTERM) is not self._handler:  # the trainer's is in place
-        self.fired = True
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-
-  def _outside_training(self, signum, frame):
-    if not self.fired:  # not ours: behave as before
-      signal.signal(signal.SIGTERM, self._old)
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  def __enter__(self):
-    if self.seconds is not None:
-      self._old = signal.signal(signal.SIGTERM, self._handler)
-      self._thread = threading.Thread(target=self._watch, daemon=True)
-      self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    if self._thread is not None:
-      self._cancel.set()
-      self._thread.join()
-      signal.signal(signal.SIGTERM, self._old)
-
-
 def heldout_bytes(data: Path, ctx_len: int, val_fraction: float) -> np.ndarray:
   """The trainer's validation part of a text file (byte tokenizer), as token ids."""
   from rwkv_jax.data.text import TextData
@@ -200,11 +158,11 @@ def run(setting: str, out: Path, *, data: Path | None = None, enwik8: Path | Non
     corpus = f"{Path(data).name} (last 10% held out)"
   cfg = TrainConfig(out=str(run_dir), data=str(data), val_fraction=val_fraction,
                     resume=True, progress=False, save_every=save_every,
-                    schedule="cosine", final_lr_ratio=0.1, b1=0.9, b2=0.99, **knobs)
-  with _Deadline(None if max_minutes is None else 60 * max_minutes) as deadline:
-    summary = run_training(cfg)
-  stopped = bool(summary.get("interrupted")) and deadline.fired
-  if summary.get("interrupted") and not stopped:
+                    schedule="cosine", final_lr_ratio=0.1, b1=0.9, b2=0.99,
+                    max_minutes=max_minutes, **knobs)
+  summary = run_training(cfg)
+  stopped = summary["interrupted"] == "max_minutes"
+  if summary["interrupted"] and not stopped:
     raise KeyboardInterrupt("training was interrupted; rerun the same command to resume")
   evals = [(r["step"], r["eval_loss"] / math.log(2)) for r in M.read_metrics(run_dir)
            if "eval_loss" in r]
@@ -253,8 +211,6 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.enwik8 and args.data:
     raise SystemExit("pass --enwik8 or --data, not both")
-  if args.max_minutes is not None and not args.max_minutes > 0:
-    raise SystemExit(f"--max-minutes must be > 0, got {args.max_minutes}")
   overrides = {k: getattr(args, k) for k in (*ints, "lr", "dropout", "wkv_impl")
                if getattr(args, k) is not None}
   out = Path(args.out or _common.REPO / f"experiments/out/char_lm-{args.setting}").absolute()

@@ -212,6 +212,18 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   assert summary["final_eval"] is None
 
 
+def test_max_minutes_saves_a_checkpoint_and_stops(tmp_path, capsys):
+  from rwkv_jax.cli import main
+
+  out = tmp_path / "budget"
+  # The first step (with its compile) already outlasts a budget of 1 ms.
+  rc = main(["train", "--out", str(out), "--steps", "400", "--save-every", "0",
+             "--eval-every", "0", "--max-minutes", "0.00002", *TINY_ARGS])
+  assert rc == 0
+  assert Checkpointer(out).latest_step() == 1  # saved, though save_every is 0
+  assert "max_minutes: saved step 1" in capsys.readouterr().out
+
+
 def nnx_state(model):
   from flax import nnx
 
@@ -256,6 +268,7 @@ def test_init_from_checks_the_data_vocabulary(trained, tmp_path):
     ("grad_accum", 0, "grad_accum"), ("schedule", "linear", "schedule"),
     ("preset", "9b", "preset"), ("b2", 1.0, "b2"), ("z_loss", -1e-4, "z_loss"),
     ("weight_decay", -0.1, "weight_decay"), ("dtype", "int8", "dtype"),
+    ("max_minutes", 0.0, "max_minutes"),
 ])
 def test_invalid_hyper_parameters(field, value, match):
   with pytest.raises(ValueError, match=f"invalid {match}="):

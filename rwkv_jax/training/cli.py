@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="device mesh, e.g. data=2,fsdp=2,tensor=2 (an axis of -1 takes the "
                       "remaining devices; default: all devices on data); see README "
                       "'Scaling out'")
+  g.add_argument("--max-minutes", type=float,
+                 help="wall-time budget: then save and stop after the current step "
+                      "(--resume continues)")
   g.add_argument("--peak-tflops", type=float,
                  help="peak TFLOP/s of one device for MFU (default: spec table; none on CPU)")
   g = p.add_argument_group("data")
@@ -112,6 +115,8 @@ def run(args) -> int:
           TrainingDiverged) as e:
     print(f"rwkv-jax train: error: {e}", file=sys.stderr)
     return 1
+  if summary["interrupted"] == "max_minutes":  # a planned stop, announced by the trainer
+    return 0
   if summary["interrupted"]:
     return 130 if summary["interrupted"] == "SIGINT" else 143
   final = summary["final_eval"]

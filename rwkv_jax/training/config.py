@@ -68,6 +68,9 @@ class TrainConfig:
   # Device mesh, e.g. "data=2,fsdp=2,tensor=2" (rwkv_jax.sharding.make_mesh). Not a
   # trajectory field: a run may resume on another mesh (the checkpoint is resharded).
   mesh: str | None = None
+  # Wall-time budget of this invocation: once spent, the run saves after the current step
+  # and stops as if interrupted (--resume continues it). Not a trajectory field.
+  max_minutes: float | None = None
 
   def validate(self) -> "TrainConfig":
     """Raises ValueError naming the first invalid field."""
@@ -109,6 +112,8 @@ class TrainConfig:
          "must be in (0, 1)")
     need(self.peak_tflops is None or (finite(self.peak_tflops) and self.peak_tflops > 0),
          "peak_tflops", "must be a positive number")
+    need(self.max_minutes is None or (finite(self.max_minutes) and self.max_minutes > 0),
+         "max_minutes", "must be a positive number")
     need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
     need(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
          "must be float32, bfloat16 or float16")

@@ -295,6 +295,7 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
   bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), unit="step",
              dynamic_ncols=True)
   say = bar.write if main else (lambda message: None)
+  deadline = None if cfg.max_minutes is None else wall0 + 60 * cfg.max_minutes
   with _StopOnSignal() as stop:
     for step in range(start + 1, cfg.steps + 1):
       t0 = time.perf_counter()
@@ -337,11 +338,14 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
         log.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
         say(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}"
                                                     for k, v in eval_metrics.items()))
-      if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.signum:
+      out_of_time = (deadline is not None and step < cfg.steps
+                     and time.perf_counter() >= deadline)
+      if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.signum
+          or out_of_time):
         save(step, last["loss"])
         saved_step = step
-      if stop.signum:
-        interrupted = signal.Signals(stop.signum).name
+      if stop.signum or out_of_time:
+        interrupted = signal.Signals(stop.signum).name if stop.signum else "max_minutes"
         say(f"{interrupted}: saved step {step} to {ckpt.directory}; continue with "
                   f"--resume --out {out}")
         break
