@@ -139,21 +139,23 @@ class Bench:
                                min(chunk, piece))
     return x, state
 
+  def _decode_call(self, carry, steps, unroll, step):
+    """decode_program's arguments: greedy, no stop tokens, no limit; step: (DECODE_STEPS
+    name, fused-plan options as (name, value) pairs)."""
+    return ((self.graphdef, self.params, carry, jax.random.key(0), jnp.int32(1 << 30),
+             stop_array(()), jnp.int32(-1)),
+            dict(steps=steps, sampling=SamplingConfig.greedy(), unroll=unroll,
+                 step_impl=step[0], step_options=step[1]))
+
   def decode(self, carry, steps, unroll, step=("model", ())):
-    """step: (DECODE_STEPS name, fused-plan options as (name, value) pairs)."""
-    return decode_program(self.graphdef, self.params, carry, jax.random.key(0),
-                          jnp.int32(1 << 30), stop_array(()), jnp.int32(-1), steps=steps,
-                          sampling=SamplingConfig.greedy(), unroll=unroll,
-                          step_impl=step[0], step_options=step[1])
+    args, kwargs = self._decode_call(carry, steps, unroll, step)
+    return decode_program(*args, **kwargs)
 
   def kernel_count(self, carry, steps, unroll, step) -> dict:
     """Kernels of one decode step: fusions and custom calls (Pallas kernels, GEMMs) in the
     body of the optimised decode loop (computations it calls counted in)."""
-    lowered = decode_program.lower(
-        self.graphdef, self.params, carry, jax.random.key(0), jnp.int32(1 << 30),
-        stop_array(()), jnp.int32(-1), steps=steps, sampling=SamplingConfig.greedy(),
-        unroll=unroll, step_impl=step[0], step_options=step[1])
-    return loop_body_kernels(lowered.compile().as_text() or "")
+    args, kwargs = self._decode_call(carry, steps, unroll, step)
+    return loop_body_kernels(decode_program.lower(*args, **kwargs).compile().as_text() or "")
 
 
 def loop_body_kernels(hlo: str) -> dict:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.wkv4 import _pow2
 from rwkv_jax.ops import WKVState, wkv_step
 
 F32 = jnp.float32
@@ -67,10 +68,6 @@ class LayerWeights(NamedTuple):
   ffn_key: jax.Array         # F C
   ffn_receptance: jax.Array  # C C
   ffn_value: jax.Array       # C F
-
-
-def _pow2(x: int) -> bool:
-  return x >= 1 and x & (x - 1) == 0
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -176,8 +173,9 @@ def _mixed_products(plan, layer, x_ref, ln_w, ln_b, shift_ref, products, ln_out_
   """LayerNorm(x), token shift against shift_ref[layer], and matrix-vector products.
 
   ``products``: (mix ref (C,), weight ref (O, C), rows slice) triples; each gives
-  W[rows] @ (mu * ln + (1 - mu) * shift) for every batch row, accumulated in float32. Program 0 also writes LN(x) (the next token's
-  shift) to ln_out_ref (B, C). Returns acc[p][b], each (rows,) float32.
+  W[rows] @ (mu * ln + (1 - mu) * shift) for every batch row, accumulated in float32.
+  Program 0 also writes LN(x) (the next token's shift) to ln_out_ref (B, C). Returns
+  acc[p][b], each (rows,) float32.
   """
   tiles = _tiles(plan.c, plan.block_in)
   weights = [[w_ref[rows, cs].astype(F32) for cs in tiles] for _, w_ref, rows in products]

@@ -286,6 +286,11 @@ GEN_MESHES = ("data=8", "tensor=2,fsdp=2,data=2")
 GEN_NEW = 6
 
 
+def gen_prompts(inputs) -> list[list[int]]:
+  """BATCH prompts of lengths 3..17 (ragged prefill: a parallel piece plus the tail)."""
+  return [inputs[b, :3 + 2 * b].tolist() for b in range(BATCH)]
+
+
 def generate_tokens(graphdef, params, inputs, mesh=None) -> dict:
   """Greedy tokens of the GEN prompts, and the final state gathered to the host."""
   from jax.experimental import multihost_utils
@@ -294,8 +299,7 @@ def generate_tokens(graphdef, params, inputs, mesh=None) -> dict:
   from rwkv_jax.inference.sampling import SamplingConfig
 
   model = nnx.merge(graphdef, params)
-  prompts = [inputs[b, :3 + 2 * b].tolist() for b in range(BATCH)]
-  got = generate(model, prompts, max_new_tokens=GEN_NEW, sampling=SamplingConfig.greedy(),
+  got = generate(model, gen_prompts(inputs), max_new_tokens=GEN_NEW, sampling=SamplingConfig.greedy(),
                  key=0, mesh=mesh)
   state = got.state
   if mesh is not None and jax.process_count() > 1:
@@ -312,7 +316,7 @@ def check_generate(graphdef, params, inputs) -> dict:
   from rwkv_jax.inference.sampling import SamplingConfig
 
   model = nnx.merge(graphdef, params)
-  prompts = [inputs[b, :3 + 2 * b].tolist() for b in range(BATCH)]
+  prompts = gen_prompts(inputs)
   kw = dict(max_new_tokens=GEN_NEW, sampling=SamplingConfig.greedy(), key=0)
   ref = generate(model, prompts, **kw)
   out = {"ref_tokens": ref.tokens.tolist()}

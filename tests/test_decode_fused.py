@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import rwkv4_decode
-from rwkv_jax import RWKVConfig
+from rwkv_jax import RWKV, RWKVConfig
 from rwkv_jax.inference import SamplingConfig, generate
 from rwkv_jax.inference._fused import fused_forward, layer_weights, resolve_decode_step
 from tests.conftest import rel_err
@@ -63,7 +63,7 @@ def test_fused_step_equals_model_step(model, rng, batch, block_out):
 def test_fused_step_from_an_empty_state(model, rng):
   empty = model.init_state(2)
   tok = jnp.asarray(rng.integers(0, 64, (2,)), jnp.int32)
-  want, s_want = model.forward_with_state(tok[:, None], empty)
+  want, s_want = _model_step(model, tok, empty)
   got, s_got = _fused_step(model, tok, empty)
   assert rel_err(got, want[:, 0]) <= TOL
   assert max(rel_err(a, b) for a, b in zip(s_got, s_want)) <= TOL
@@ -121,7 +121,7 @@ def test_kernels_lower_to_triton(preset, batch):
   """Lowering for CUDA runs the Pallas-to-Triton translation on any machine: an operation
   or indexing pattern Triton cannot take fails here, not first on a GPU."""
   cfg = RWKVConfig.preset(preset, dtype="bfloat16", n_layer=1, vocab_size=256)
-  abstract = nnx.eval_shape(lambda: random_model_shape(cfg))
+  abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
   plan = rwkv4_decode.DecodePlan.make(batch, cfg.n_embd, cfg.dim_ffn, cfg.layer_norm_eps)
 
@@ -137,11 +137,6 @@ def test_kernels_lower_to_triton(preset, batch):
   text = exported.mlir_module()
   for name in ("time_mix", "att_out", "channel_in", "ffn_out"):
     assert f"rwkv4_decode_{name}" in text
-
-
-def random_model_shape(cfg):
-  from rwkv_jax import RWKV
-  return RWKV(cfg, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.gpu
