@@ -9,6 +9,7 @@ where float rounding of 1e-6 may legitimately pick the other token.
 import io
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +83,9 @@ def test_prefill_equals_token_by_token(model, rng, min_parallel, tokens_per_call
   ps = prompts(rng)
   logits, state = prefill(model, ps, tokens_per_call=tokens_per_call,
                           min_parallel=min_parallel)
-  assert logits.shape == (4, 64) and state.att_x.shape == (2, 4, 32)
+  chex.assert_shape(logits, (4, 64))
+  chex.assert_shape(list(state), (2, 4, 32))  # every field (L, B, C)
+  chex.assert_tree_all_finite((logits, state))
   for b, p in enumerate(ps):
     state_b = model.init_state(1)
     for t in p:
@@ -239,7 +242,7 @@ def test_state_file_round_trip_and_shape_check(model, rng, tmp_path):
   for name in ("s.npz", "s.safetensors"):
     save_state(tmp_path / name, state, model, metadata={"note": "hi"})
     back = load_state(tmp_path / name, model)
-    assert all(np.array_equal(x, y) for x, y in zip(back, state))
+    chex.assert_trees_all_equal(tuple(back), tuple(state))  # every field, bit for bit
     meta = read_state_metadata(tmp_path / name)
     assert meta["note"] == "hi" and meta["shape_hash"] == model.cfg.shape_hash()
     other = RWKVConfig.preset("tiny", n_embd=16)

@@ -1,5 +1,6 @@
 """WKV: the scan reference against the paper's formula, and associative_scan against scan."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,8 +46,10 @@ class TestAssociativeScan(WKVAgainstScan):
 def test_dispatch_names_and_errors(rng):
   w, u, k, v, s = random_wkv_inputs(rng, 1, 5, 4)
   for impl in (None, "scan", "associative_scan"):
-    y, _ = wkv(w, u, k, v, s, implementation=impl)
-    assert y.shape == k.shape
+    y, new_state = wkv(w, u, k, v, s, implementation=impl)
+    chex.assert_equal_shape([y, k])
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, s)
+    chex.assert_tree_all_finite((y, new_state))
   with pytest.raises(ValueError, match="unknown WKV implementation 'cuda'"):
     wkv(w, u, k, v, implementation="cuda")
   with pytest.raises(ValueError, match="k and v must both be"):
