@@ -1,5 +1,7 @@
 """Tokenizers behind one small interface: ``encode(str) -> list[int]``, ``decode(list[int])
--> str``, ``vocab_size``, and ``eot_id`` (the end-of-document id, or None)."""
+-> str``, ``vocab_size``, and ``eot_id`` (the end-of-document id, or None). A tokenizer
+that also has ``encode_bytes(bytes)`` (the byte tokenizer) is given training files' raw
+bytes, undecoded (``rwkv_jax.data.text``); the others get text decoded strictly."""
 
 from __future__ import annotations
 
@@ -18,13 +20,21 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-  """UTF-8 bytes, ids 0..255; id 0 (NUL, absent from text) separates documents."""
+  """Bytes, ids 0..255; id 0 (NUL, absent from text) separates documents. ``encode`` takes
+  a str as UTF-8; ``encode_bytes`` takes any bytes as they are (training data is read so,
+  whatever its encoding)."""
 
   vocab_size = 256
   eot_id = 0
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
+
+  def encode_bytes(self, data: bytes):
+    """The bytes themselves as ids (a uint8 array), no decoding."""
+    import numpy as np
+
+    return np.frombuffer(data, np.uint8)
 
   def decode(self, ids: list[int]) -> str:
     bad = [i for i in ids if not 0 <= int(i) < 256]

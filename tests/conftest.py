@@ -17,6 +17,15 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache_in_tmp(tmp_path_factory):
+  """Token caches (rwkv_jax.data.text) go to a session tmp dir, never ~/.cache; the
+  variable reaches subprocesses (workers, notebooks) through os.environ."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("RWKV_JAX_CACHE", str(tmp_path_factory.mktemp("rwkv-jax-cache")))
+    yield
+
+
 @pytest.fixture
 def rng():
   """A fresh NumPy generator per test; the seed is printed on failure via the test id."""

@@ -1,12 +1,16 @@
 """Data: the synthetic task (determinism, held-out split) and the text token cache."""
 
+import hashlib
 import os
+import re
 
 import numpy as np
 import pytest
 
+from rwkv_jax.data import text as text_module
 from rwkv_jax.data.synthetic import SyntheticTask
-from rwkv_jax.data.text import CACHE_DIR, TextData, build_token_cache
+from rwkv_jax.data.text import (TextData, build_token_cache, default_cache_dir,
+                                resolve_cache_dir)
 from rwkv_jax.tokenizers import ByteTokenizer
 
 
@@ -65,22 +69,134 @@ def _write(path, text):
   return path
 
 
-def test_token_cache_is_reused_and_invalidated(tmp_path):
-  src = _write(tmp_path / "a.txt", "hello world\n" * 50)
+def _cache_env(monkeypatch, tmp_path):
+  """Points the default cache directory at tmp_path/cache; returns its token folder."""
+  monkeypatch.setenv("RWKV_JAX_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache" / "tokens"
+
+
+def _snapshot(folder):
+  """Every path below folder (and folder itself) with its size and mtime."""
+  return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in [folder, *folder.rglob("*")])
+
+
+class CountingBytes(ByteTokenizer):
+  """The byte tokenizer, counting how often it tokenizes data (inputs over 100 bytes: the
+  cache key's probe strings are shorter)."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def encode(self, text):
+    self.calls += len(text) > 100
+    return super().encode(text)
+
+  def encode_bytes(self, data):
+    self.calls += len(data) > 100
+    return super().encode_bytes(data)
+
+
+def test_token_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+  tokens_dir = _cache_env(monkeypatch, tmp_path)
+  (tmp_path / "data").mkdir()
+  src = _write(tmp_path / "data" / "a.txt", "hello world\n" * 50)
   tokens, meta = build_token_cache(src, ByteTokenizer())
   assert tokens.dtype == np.uint16 and meta["n_tokens"] == 600 == meta["n_bytes"]
   np.testing.assert_array_equal(tokens, np.frombuffer(src.read_bytes(), np.uint8))
-  cache = sorted(p.name for p in tmp_path.iterdir() if p.name != "a.txt")
-  assert len(cache) == 2 and all(n.startswith("a.txt.") for n in cache)
-  assert isinstance(tokens, np.memmap)
-  mtime = (tmp_path / cache[1]).stat().st_mtime_ns
+  assert os.listdir(tmp_path / "data") == ["a.txt"]  # nothing beside the data
+  cache = sorted(p.name for p in tokens_dir.iterdir())
+  assert len(cache) == 2 and all(n.startswith("a.txt-") for n in cache)
+  assert isinstance(tokens, np.memmap) and meta["cache"] == str(tokens_dir / cache[1])
+  mtime = (tokens_dir / cache[1]).stat().st_mtime_ns
   build_token_cache(src, ByteTokenizer())  # hit: nothing rewritten
-  assert (tmp_path / cache[1]).stat().st_mtime_ns == mtime
+  assert (tokens_dir / cache[1]).stat().st_mtime_ns == mtime
   _write(src, "changed text " * 40)
   tokens2, meta2 = build_token_cache(src, ByteTokenizer())
   assert meta2["key"] != meta["key"] and meta2["n_tokens"] == 13 * 40
-  left = sorted(p.name for p in tmp_path.iterdir() if p.name != "a.txt")
+  left = sorted(p.name for p in tokens_dir.iterdir())
   assert len(left) == 2 and meta2["key"] in left[0]  # the stale cache is gone, no tmp files
+
+
+def test_default_cache_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("RWKV_JAX_CACHE", str(tmp_path / "env"))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert default_cache_dir() == tmp_path / "env" == resolve_cache_dir(None)
+  assert resolve_cache_dir(tmp_path / "given") == tmp_path / "given"
+  monkeypatch.delenv("RWKV_JAX_CACHE")
+  assert default_cache_dir() == tmp_path / "xdg" / "rwkv-jax"
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert default_cache_dir() == tmp_path / "home" / ".cache" / "rwkv-jax"
+
+
+def test_read_only_data_is_cached_elsewhere_reused_and_rebuilt(tmp_path, monkeypatch):
+  tokens_dir = _cache_env(monkeypatch, tmp_path)
+  data = tmp_path / "dataset"
+  data.mkdir()
+  book = _write(data / "book.txt", "to be or not to be\n" * 30)
+  _write(data / "notes.txt", "that is the question\n" * 30)
+
+  def set_writable(on):
+    for p in (*data.iterdir(), data):
+      p.chmod((0o755 if p.is_dir() else 0o644) if on else (0o555 if p.is_dir() else 0o444))
+
+  # chmod a-w stops writes except for root (CAP_DAC_OVERRIDE); either way the listing,
+  # sizes and mtimes of the dataset must not change.
+  set_writable(False)
+  try:
+    before = _snapshot(data)
+    tok = CountingBytes()
+    first = TextData(data, tok, ctx_len=8)
+    assert _snapshot(data) == before
+    assert tok.calls == 2 and isinstance(first.tokens, np.memmap)
+    again = TextData(data, tok, ctx_len=8)
+    assert tok.calls == 2  # reused: no re-tokenization
+    np.testing.assert_array_equal(again.tokens, first.tokens)
+    build_token_cache(book, tok)  # a single file of the folder: a cache of its own
+    build_token_cache(book, tok)
+    assert tok.calls == 3
+    assert _snapshot(data) == before
+    set_writable(True)
+    _write(book, "a changed source\n" * 30)
+    set_writable(False)
+    before = _snapshot(data)
+    changed = TextData(data, tok, ctx_len=8)
+    assert tok.calls == 5  # rebuilt
+    assert bytes(np.asarray(changed.tokens[:17], np.uint8)) == b"a changed source\n"
+    assert changed.fingerprint != first.fingerprint
+    assert _snapshot(data) == before
+    # the folder's stale cache is gone; the file's (now stale) one is another source's
+    assert len(list(tokens_dir.iterdir())) == 4
+  finally:
+    set_writable(True)
+
+
+def test_unwritable_cache_dir_falls_back_to_memory(tmp_path, capsys, monkeypatch):
+  blocker = _write(tmp_path / "a-file", "x")  # nothing can be created below a file, by anyone
+  unwritable = blocker / "cache"
+  src = _write(tmp_path / "t.txt", "abc " * 100)
+  data = TextData(src, ByteTokenizer(), 8, cache_dir=unwritable)
+  assert not isinstance(data.tokens, np.memmap) and data.meta["cache"] is None
+  assert bytes(np.asarray(data.tokens, np.uint8)) == src.read_bytes()
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "warning" in err and str(unwritable) in err
+  assert "in memory" in err and "in memory" in data.describe()
+  monkeypatch.setattr(text_module, "MAX_IN_MEMORY_BYTES", 100)
+  with pytest.raises(ValueError, match=re.escape(str(unwritable)) + ".*too large"):
+    TextData(src, ByteTokenizer(), 8, cache_dir=unwritable)
+  assert sorted(os.listdir(tmp_path)) == ["a-file", "t.txt"]
+
+
+def test_fingerprint_is_independent_of_the_cache_location(tmp_path):
+  src = _write(tmp_path / "t.txt", "abc " * 100)
+  fingerprints = {TextData(src, ByteTokenizer(), 8, cache_dir=tmp_path / d).fingerprint
+                  for d in ("c1", "c2", "t.txt/in-memory")}
+  # ... and equal to the one of earlier versions, which checkpoints hold for --resume
+  st = src.stat()
+  old = "\n".join([text_module._tokenizer_id(ByteTokenizer()),
+                   f"t.txt:{st.st_size}:{st.st_mtime_ns}"])
+  assert fingerprints == {hashlib.sha256(old.encode()).hexdigest()[:16]}
 
 
 def test_folder_documents_are_separated_by_eot(tmp_path):
@@ -91,7 +207,7 @@ def test_folder_documents_are_separated_by_eot(tmp_path):
   tokens, meta = build_token_cache(tmp_path, ByteTokenizer())
   assert bytes(np.asarray(tokens, np.uint8)) == b"first\x00second"
   assert meta["n_documents"] == 2
-  assert (tmp_path / CACHE_DIR).is_dir()
+  assert sorted(os.listdir(tmp_path)) == [".hidden", "a.txt", "b.txt", "blank.txt"]
 
 
 def test_windows_are_deterministic_and_validation_is_held_out(tmp_path, rng):
@@ -134,19 +250,24 @@ def test_bad_data_is_a_clear_error(tmp_path):
     TextData(_write(tmp_path / "z.txt", "az" * 100), ByteTokenizer(), 8, vocab_size=100)
 
 
-def test_hf_tokenizer_json(tmp_path):
+def _word_tokenizer(folder, words):
+  """A whitespace word-level tokenizer.json: <|endoftext|> 0, [UNK] 1, words from 2."""
   tokenizers = pytest.importorskip("tokenizers")
+  vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(str(folder / "tokenizer.json"))
+  return folder / "tokenizer.json"
+
+
+def test_hf_tokenizer_json(tmp_path):
   from rwkv_jax.tokenizers import load_tokenizer
 
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-      {"<|endoftext|>": 0, "[UNK]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  tok.save(str(tmp_path / "tokenizer.json"))
+  path = _word_tokenizer(tmp_path, ["a", "b"])
   corpus = tmp_path / "docs"
   corpus.mkdir()
   _write(corpus / "1.txt", "a b a c")
   _write(corpus / "2.txt", "b b")
-  path = tmp_path / "tokenizer.json"
   tokens, meta = build_token_cache(corpus, load_tokenizer(path), path)
   np.testing.assert_array_equal(tokens, [2, 3, 2, 1, 0, 3, 3])
   assert meta["vocab_size"] == 4
@@ -156,3 +277,77 @@ def test_hf_tokenizer_json(tmp_path):
   tokens2, meta2 = build_token_cache(corpus, load_tokenizer(path), path)
   assert meta2["key"] != meta["key"]
   np.testing.assert_array_equal(tokens2, [3, 2, 3, 1, 0, 2, 2])
+
+
+LATIN1 = "café au lait, crème brûlée\n".encode("latin-1") * 20  # not valid UTF-8
+
+
+def test_byte_tokenizer_reads_raw_bytes(tmp_path):
+  src = tmp_path / "latin1.txt"
+  src.write_bytes(LATIN1)
+  data = TextData(src, ByteTokenizer(), 8)
+  assert bytes(np.asarray(data.tokens, np.uint8)) == LATIN1  # the file, byte for byte
+  assert data.meta["n_bytes"] == src.stat().st_size == data.tokens.size
+  s = data.summarize(loss_sum=np.log(2) * 10, correct=0, count=10)
+  assert s["bits_per_byte"] == pytest.approx(1.0)  # one token per real byte of the file
+
+
+def test_text_tokenizer_decodes_strictly_or_with_the_given_encoding(tmp_path):
+  from rwkv_jax.tokenizers import load_tokenizer
+
+  path = _word_tokenizer(tmp_path, ["café", "au", "lait", ",", "crème", "brûlée"])
+  tok = load_tokenizer(path)
+  src = tmp_path / "latin1.txt"
+  src.write_bytes(LATIN1)
+  with pytest.raises(ValueError, match=re.escape(f"{src}: not valid utf-8 at byte offset 3")):
+    build_token_cache(src, tok, path)
+  tokens, meta = build_token_cache(src, tok, path, encoding="latin-1")
+  np.testing.assert_array_equal(tokens, [2, 3, 4, 5, 6, 7] * 20)
+  assert meta["n_bytes"] == len(LATIN1) and meta["encoding"] == "latin-1"
+  utf8 = tmp_path / "utf8.txt"
+  utf8.write_bytes(LATIN1.decode("latin-1").encode("utf-8"))
+  np.testing.assert_array_equal(build_token_cache(utf8, tok, path)[0], tokens)
+  with pytest.raises(ValueError, match="unknown text encoding"):
+    build_token_cache(src, tok, path, encoding="no-such-codec")
+
+
+def test_binary_files_are_refused_by_text_tokenizers_and_warned_about_by_bytes(
+    tmp_path, capsys):
+  from rwkv_jax.tokenizers import load_tokenizer
+
+  blob = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # first NUL at offset 8
+  src = tmp_path / "image.png"
+  src.write_bytes(blob)
+  data = TextData(src, ByteTokenizer(), 8)
+  assert bytes(np.asarray(data.tokens, np.uint8)) == blob
+  assert data.meta["n_bytes"] == len(blob) == data.tokens.size
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"{src} looks binary (a NUL byte at offset 8)" in err
+  path = _word_tokenizer(tmp_path, ["a"])
+  for encoding in ("utf-8", "latin-1"):
+    with pytest.raises(ValueError, match=re.escape(f"{src} looks binary")):
+      build_token_cache(src, load_tokenizer(path), path, encoding=encoding)
+
+
+def test_train_flags_cache_dir_and_encoding():
+  import argparse
+
+  from rwkv_jax.training.cli import add_arguments, config_from_args
+  from rwkv_jax.training.config import TRAJECTORY_FIELDS, TrainConfig
+
+  parser = argparse.ArgumentParser()
+  add_arguments(parser)
+  cfg = config_from_args(parser.parse_args([]))
+  assert cfg.cache_dir is None and cfg.encoding == "utf-8"
+  cfg = config_from_args(parser.parse_args(["--cache-dir", "/c", "--encoding", "latin-1"]))
+  assert (cfg.cache_dir, cfg.encoding) == ("/c", "latin-1")
+  help_text = " ".join(parser.format_help().split())
+  assert "~/.cache/rwkv-jax" in help_text and "(utf-8)" in help_text
+  # the encoding changes the tokens; the cache location does not
+  assert "encoding" in TRAJECTORY_FIELDS and "cache_dir" not in TRAJECTORY_FIELDS
+  old = TrainConfig().to_dict()
+  del old["encoding"], old["cache_dir"]  # a config.json of an earlier version
+  assert TrainConfig.from_dict(old).validate().encoding == "utf-8"
+  for bad in ("no-such-codec", "rot13"):
+    with pytest.raises(ValueError, match="invalid encoding="):
+      TrainConfig(encoding=bad).validate()

@@ -34,6 +34,13 @@ def test_byte_round_trip_non_ascii():
     tok.decode([256])
 
 
+def test_byte_encode_bytes_takes_any_bytes_as_they_are():
+  raw = "café".encode("latin-1") + b"\x00\xff\xfe"  # not UTF-8
+  tok = ByteTokenizer()
+  assert list(tok.encode_bytes(raw)) == list(raw)
+  assert list(tok.encode_bytes(TEXT.encode("utf-8"))) == tok.encode(TEXT)
+
+
 def test_world_round_trip_non_ascii(tmp_path):
   extra = ["Hé", "llo", " w", "ö", "rld", "日本", "語", "🙂", b"\xf0\x9f", " and", "it's",
            'say "x y"']

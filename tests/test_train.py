@@ -244,7 +244,9 @@ def test_text_run_then_fine_tune_with_init_from(tmp_path):
   assert ev["bits_per_byte"] == pytest.approx(ev["loss"] / np.log(2) * 3681 / 3680,
                                               rel=1e-6)  # 2 documents, 1 EOT token
   assert ev["loss"] < np.log(256) - 1.5
-  assert len(list((corpus / ".rwkv-jax-cache").glob("*.tokens"))) == 1
+  assert sorted(p.name for p in corpus.iterdir()) == ["a.txt", "b.txt"]  # no cache beside
+  caches = Path(os.environ["RWKV_JAX_CACHE"]).glob("tokens/corpus-*.json")  # conftest's
+  assert [json.loads(p.read_text())["source"] for p in caches].count(str(corpus)) == 1
   tuned = run_training(TrainConfig(out=str(tmp_path / "ft"), steps=2, lr=1e-9,
                                    data=str(corpus), init_from=str(tmp_path / "text"),
                                    eval_every=0, save_every=0, **dict(base, warmup=0)))

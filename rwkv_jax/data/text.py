@@ -1,16 +1,34 @@
 """Text files -> a memory-mapped token cache -> deterministic training windows.
 
-``TextData(path, tokenizer, ctx_len, val_fraction, seed)``:
+``TextData(path, tokenizer, ctx_len, val_fraction, seed, cache_dir=None, encoding="utf-8")``:
 
-  * ``path`` is a text file or a folder (every non-hidden file below it, sorted, read as
-    UTF-8); each file is one document and documents are joined with the tokenizer's
-    end-of-document id (``eot_id``; the byte tokenizer uses 0).
-  * The token stream is cached beside the data as ``<file>.<key>.tokens`` (raw uint16 or
-    uint32) plus ``.json`` metadata, or ``<folder>/.rwkv-jax-cache/<key>.tokens`` for a
-    folder. The key hashes the tokenizer (and its file) and every source file's (path,
-    size, mtime), so a changed source or tokenizer gets a fresh cache; stale caches of
-    the same source are removed (only files this module wrote). Both files are written to a temporary name and
-    renamed, so a crash never leaves a half-written cache in use.
+  * ``path`` is a text file or a folder (every non-hidden file below it, sorted); each file
+    is one document and documents are joined with the tokenizer's end-of-document id
+    (``eot_id``; the byte tokenizer uses 0).
+  * Reading: the byte tokenizer (any tokenizer with ``encode_bytes``) takes each file's raw
+    bytes, with no decoding, so every file round-trips exactly and bits per byte count the
+    file's real bytes. Text tokenizers get the file decoded strictly with ``encoding``;
+    undecodable input is a ValueError naming the file and byte offset. A file that looks
+    binary (a NUL among its first 8 KiB: a NUL byte for the byte tokenizer, a decoded NUL
+    character for a text tokenizer) is refused with a ValueError naming it by a text
+    tokenizer, and tokenized with a one-line warning by the byte tokenizer (its NUL bytes
+    are id 0, the same id that separates documents).
+  * The token stream is cached in a cache directory, never beside the data: ``cache_dir``,
+    default ``default_cache_dir()`` (``$RWKV_JAX_CACHE``, else ``$XDG_CACHE_HOME/rwkv-jax``,
+    else ``~/.cache/rwkv-jax``), as ``tokens/<name>-<source hash>.<key>.tokens`` (raw
+    uint16 or uint32, memory-mapped) plus ``.json`` metadata. The source hash is of the
+    resolved absolute data path; the key hashes that path, the tokenizer (and its file),
+    the encoding and every source file's (resolved path, size, mtime), so a changed source
+    or tokenizer gets a fresh cache, and stale caches of the same source are removed (only
+    files this module wrote). Both files are written to a temporary name and renamed, so a
+    crash never leaves a half-written cache in use. If the cache directory cannot be
+    written, the data is tokenized in memory with a one-line warning (a ValueError naming
+    the directory if the data exceeds ``MAX_IN_MEMORY_BYTES``). Nothing is ever written
+    into the data's folders.
+  * ``TextData.fingerprint`` (checked when a run resumes) hashes the tokenizer, a text
+    tokenizer's encoding (when not UTF-8) and the sources' names (relative to a data
+    folder), sizes and mtimes, as in earlier versions; not the data's or the cache's
+    location: a run may resume with another cache directory.
   * The last ``val_fraction`` of the stream is validation, the rest training.
   * Training window b of step s starts at a position drawn from
     ``default_rng([seed, s])``: the batch is a pure function of (seed, step), so the
@@ -20,16 +38,40 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-CACHE_DIR = ".rwkv-jax-cache"
+CACHE_ENV = "RWKV_JAX_CACHE"  # overrides the default cache directory
+MAX_IN_MEMORY_BYTES = 2 << 30  # data larger than this needs a writable cache directory
+BINARY_SNIFF_BYTES = 8192  # a NUL among the first this many bytes: the file looks binary
+_FORMAT = "tokens-v2"  # part of the cache key: bump when the cache layout changes
 _SUFFIX = ".tokens"
+
+
+def default_cache_dir() -> Path:
+  """Where token caches go by default: ``$RWKV_JAX_CACHE`` if set, else
+  ``$XDG_CACHE_HOME/rwkv-jax``, else ``~/.cache/rwkv-jax``."""
+  if os.environ.get(CACHE_ENV):
+    return Path(os.environ[CACHE_ENV]).expanduser()
+  xdg = os.environ.get("XDG_CACHE_HOME")
+  return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "rwkv-jax"
+
+
+def resolve_cache_dir(cache_dir=None) -> Path:
+  """The token cache directory: ``cache_dir`` if given, else ``default_cache_dir()``."""
+  return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _warn(message: str) -> None:
+  print(f"rwkv-jax: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _source_files(path: Path) -> list[Path]:
@@ -52,18 +94,61 @@ def _tokenizer_id(tokenizer) -> str:
   return "|".join(parts)
 
 
-def _cache_paths(path: Path, key: str) -> tuple[Path, Path, str]:
-  if path.is_file():
-    stem = path.name + "."
-    folder = path.parent
-  else:
-    stem = ""
-    folder = path / CACHE_DIR
-  return folder / f"{stem}{key}{_SUFFIX}", folder / f"{stem}{key}.json", stem
+def _reads_bytes(tokenizer) -> bool:
+  return callable(getattr(tokenizer, "encode_bytes", None))
+
+
+def _encode_file(f: Path, raw: bytes, tokenizer, encoding: str) -> np.ndarray:
+  """One document's ids (int64): raw bytes for a byte tokenizer, else strict decoding."""
+  if _reads_bytes(tokenizer):
+    nul = raw.find(b"\x00", 0, BINARY_SNIFF_BYTES)
+    if nul >= 0:
+      _warn(f"{f} looks binary (a NUL byte at offset {nul}); training on its raw bytes, "
+            "where id 0 also ends a document")
+    return np.asarray(tokenizer.encode_bytes(raw), np.int64)
+  head = codecs.getincrementaldecoder(encoding)(errors="replace").decode(
+      raw[:BINARY_SNIFF_BYTES])
+  if "\x00" in head:
+    raise ValueError(f"{f} looks binary (a NUL among its first {BINARY_SNIFF_BYTES} bytes "
+                     f"as {encoding}); remove it from the data")
+  try:
+    text = raw.decode(encoding)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{f}: not valid {encoding} at byte offset {e.start} "
+                     f"({raw[e.start:e.start + 4]!r}...: {e.reason}); pass the file's "
+                     f"encoding, e.g. --encoding latin-1") from None
+  return np.asarray(tokenizer.encode(text), np.int64)
+
+
+def _documents(path: Path, files: list[Path], tokenizer, encoding: str, dtype):
+  """Yields (n_bytes, ids as dtype) per non-blank file, EOT-separated: the EOT id is
+  prepended to every document but the first."""
+  n_docs = 0
+  for f in files:
+    raw = f.read_bytes()
+    if not raw.strip():
+      continue
+    ids = _encode_file(f, raw, tokenizer, encoding)
+    if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+      raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size}) for {f}")
+    if n_docs:
+      ids = np.concatenate([[tokenizer.eot_id], ids])
+    n_docs += 1
+    yield len(raw), ids.astype(dtype)
+  if n_docs == 0:
+    raise ValueError(f"data at {path} is empty (no non-whitespace text)")
+
+
+def _safe_name(path: Path) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:48] or "data"
+
+
+def _tmp_name(target: Path) -> Path:
+  return target.with_name(f".{target.name}.tmp{os.getpid()}")
 
 
 def _atomic_write(target: Path, write) -> None:
-  tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+  tmp = _tmp_name(target)
   try:
     with open(tmp, "wb") as f:
       write(f)
@@ -75,68 +160,135 @@ def _atomic_write(target: Path, write) -> None:
       tmp.unlink()
 
 
-def build_token_cache(path, tokenizer, tokenizer_file=None) -> tuple[np.ndarray, dict]:
+class _CacheUnwritable(Exception):
+  def __init__(self, folder: Path, error: OSError):
+    super().__init__(f"{folder}: {error.strerror or error}")
+    self.folder, self.error = folder, error
+
+
+def _write_cache(tokens_path: Path, meta_path: Path, docs, meta: dict) -> dict:
+  """Streams the documents' tokens into ``tokens_path`` (atomically); returns the counts.
+  Errors writing the cache raise _CacheUnwritable; the tokenizer's errors pass through."""
+  folder = tokens_path.parent
+  tmp = _tmp_name(tokens_path)
+  n_tokens = n_bytes = n_docs = 0
+  try:
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      out = open(tmp, "wb")
+    except OSError as e:
+      raise _CacheUnwritable(folder, e) from None
+    with out:
+      for size, ids in docs:
+        try:
+          out.write(ids.tobytes())
+        except OSError as e:
+          raise _CacheUnwritable(folder, e) from None
+        n_tokens, n_bytes, n_docs = n_tokens + ids.size, n_bytes + size, n_docs + 1
+      try:
+        out.flush()
+        os.fsync(out.fileno())
+      except OSError as e:
+        raise _CacheUnwritable(folder, e) from None
+    meta.update(n_tokens=n_tokens, n_bytes=n_bytes, n_documents=n_docs)
+    try:
+      os.replace(tmp, tokens_path)
+      _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    except OSError as e:
+      tokens_path.unlink(missing_ok=True)
+      raise _CacheUnwritable(folder, e) from None
+  finally:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
+  return meta
+
+
+def build_token_cache(path, tokenizer, tokenizer_file=None, *, cache_dir=None,
+                      encoding: str = "utf-8") -> tuple[np.ndarray, dict]:
   """Tokenizes ``path`` once and returns (memory-mapped token array, metadata).
 
   ``tokenizer_file`` (the tokenizer's vocabulary file, if any) is hashed into the cache
-  key, so editing it invalidates the cache too."""
-  path = Path(path).absolute()
+  key, so editing it invalidates the cache too. ``cache_dir`` defaults to
+  ``default_cache_dir()``; ``encoding`` is how text tokenizers decode the files (the byte
+  tokenizer reads raw bytes). Where the cache directory cannot be written, the tokens are
+  returned in memory (a plain array; ``meta["cache"]`` is then None)."""
+  path = Path(path).expanduser().absolute()
   files = _source_files(path)
   if tokenizer.eot_id is None:
     raise ValueError("the tokenizer has no end-of-document token; documents cannot be "
                      "separated (use a tokenizer.json with <|endoftext|>, </s> or <eos>)")
+  try:
+    if not getattr(codecs.lookup(encoding), "_is_text_encoding", True):
+      raise LookupError
+  except LookupError:
+    raise ValueError(f"unknown text encoding {encoding!r}") from None
   fingerprint = [_tokenizer_id(tokenizer)]
   if tokenizer_file is not None:
     fingerprint.append(hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest())
+  identity, total = [_FORMAT, str(path.resolve())], 0
   for f in files:
     st = f.stat()
+    total += st.st_size
     fingerprint.append(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:"
                        f"{st.st_mtime_ns}")
-  key = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()[:16]
-  tokens_path, meta_path, stem = _cache_paths(path, key)
-  if tokens_path.exists() and meta_path.exists():
+    identity.append(str(f.resolve()))
+  if not _reads_bytes(tokenizer) and codecs.lookup(encoding).name != "utf-8":
+    fingerprint.append(f"encoding:{codecs.lookup(encoding).name}")
+  data_fingerprint = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()[:16]
+  key = hashlib.sha256("\n".join(fingerprint + identity).encode()).hexdigest()[:16]
+  root = resolve_cache_dir(cache_dir)
+  stem = f"{_safe_name(path)}-{hashlib.sha256(identity[1].encode()).hexdigest()[:12]}."
+  tokens_path = root / "tokens" / f"{stem}{key}{_SUFFIX}"
+  meta_path = tokens_path.with_suffix(".json")
+  try:
     meta = json.loads(meta_path.read_text())
     dtype = np.dtype(meta["dtype"])
     if tokens_path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
-      return np.memmap(tokens_path, dtype=dtype, mode="r"), meta
+      return np.memmap(tokens_path, dtype=dtype, mode="r"), dict(meta, cache=str(tokens_path))
+  except (OSError, ValueError, KeyError, TypeError):
+    pass  # no cache (or an unreadable one): build it
 
   dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
-  pieces, n_bytes, n_docs = [], 0, 0
-  for f in files:
-    raw = f.read_bytes()
-    if not raw.strip():
-      continue
-    text = raw.decode("utf-8", errors="replace")
-    ids = np.asarray(tokenizer.encode(text), np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-      raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size}) for {f}")
-    if n_docs:
-      pieces.append(np.asarray([tokenizer.eot_id], np.int64))
-    pieces.append(ids)
-    n_bytes += len(raw)
-    n_docs += 1
-  if n_docs == 0:
-    raise ValueError(f"data at {path} is empty (no non-whitespace text)")
-  tokens = np.concatenate(pieces).astype(dtype)
-  meta = {"source": str(path), "key": key, "dtype": dtype.name, "n_tokens": int(tokens.size),
-          "n_bytes": int(n_bytes), "n_documents": n_docs,
+  meta = {"source": str(path), "key": key, "fingerprint": data_fingerprint,
+          "dtype": dtype.name,
+          "encoding": None if _reads_bytes(tokenizer) else encoding,  # None: raw bytes
           "vocab_size": int(tokenizer.vocab_size), "eot_id": int(tokenizer.eot_id)}
-  tokens_path.parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write(tokens_path, lambda f: f.write(tokens.tobytes()))
-  _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+  try:
+    meta = _write_cache(tokens_path, meta_path,
+                        _documents(path, files, tokenizer, encoding, dtype), meta)
+  except _CacheUnwritable as e:
+    if total > MAX_IN_MEMORY_BYTES:
+      raise ValueError(
+          f"cannot write the token cache in {e.folder} ({e.error.strerror or e.error}) and "
+          f"the data ({total / 2**30:.1f} GiB) is too large to tokenize in memory; pass "
+          f"--cache-dir (or set {CACHE_ENV}) to a writable directory") from None
+    _warn(f"cannot write the token cache in {e.folder} ({e.error.strerror or e.error}); "
+          f"tokenizing in memory for this run (--cache-dir or {CACHE_ENV} sets the cache)")
+    docs = list(_documents(path, files, tokenizer, encoding, dtype))
+    tokens = np.concatenate([ids for _, ids in docs])
+    meta.update(n_tokens=int(tokens.size), n_bytes=sum(n for n, _ in docs),
+                n_documents=len(docs))
+    return tokens, dict(meta, cache=None)
   for old in tokens_path.parent.glob(f"{stem}*{_SUFFIX}"):  # stale caches of this source
     if old != tokens_path and len(old.name) == len(tokens_path.name):
-      old.unlink(missing_ok=True)
-      old.with_suffix(".json").unlink(missing_ok=True)
-  return np.memmap(tokens_path, dtype=dtype, mode="r"), meta
+      try:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+      except OSError:
+        pass
+  return np.memmap(tokens_path, dtype=dtype, mode="r"), dict(meta, cache=str(tokens_path))
 
 
 class TextData:
   """Train / validation windows of ``ctx_len + 1`` tokens over a cached token stream."""
 
   def __init__(self, path, tokenizer, ctx_len: int, *, val_fraction: float = 0.05,
-               seed: int = 0, vocab_size: int | None = None, tokenizer_file=None):
-    self.tokens, self.meta = build_token_cache(path, tokenizer, tokenizer_file)
+               seed: int = 0, vocab_size: int | None = None, tokenizer_file=None,
+               cache_dir=None, encoding: str = "utf-8"):
+    self.tokens, self.meta = build_token_cache(path, tokenizer, tokenizer_file,
+                                               cache_dir=cache_dir, encoding=encoding)
     self.ctx_len, self.seed = int(ctx_len), int(seed)
     self.vocab_size = int(vocab_size or tokenizer.vocab_size)
     top = int(self.tokens.max())
@@ -154,7 +306,7 @@ class TextData:
     self.train_tokens = self.tokens[:n - n_val]
     self.val_tokens = self.tokens[n - n_val:]
     self.bytes_per_token = self.meta["n_bytes"] / n
-    self.fingerprint = self.meta["key"]
+    self.fingerprint = self.meta["fingerprint"]  # independent of the cache location
 
   def _windows(self, source: np.ndarray, starts: np.ndarray):
     idx = starts[:, None] + np.arange(self.ctx_len + 1)[None]
@@ -180,7 +332,8 @@ class TextData:
     m = self.meta
     return (f"{m['source']}: {m['n_documents']} documents, {m['n_tokens']:,} tokens "
             f"({m['n_bytes']:,} bytes), {self.train_tokens.size:,} train / "
-            f"{self.val_tokens.size:,} validation")
+            f"{self.val_tokens.size:,} validation; "
+            + (f"token cache {m['cache']}" if m["cache"] else "tokenized in memory"))
 
   def summarize(self, loss_sum: float, correct: float, count: float) -> dict[str, float]:
     """Validation metrics from summed token losses (nats): loss, accuracy, bits per token,

@@ -60,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="a text file or a folder of them (default: the synthetic task)")
   g.add_argument("--tokenizer", metavar="JSON",
                  help="a HF tokenizer.json (default: bytes, vocab 256)")
+  g.add_argument("--encoding", default=d.encoding,
+                 help="text encoding of the --data files for a --tokenizer, decoded "
+                      "strictly (%(default)s); the byte tokenizer reads raw bytes")
+  g.add_argument("--cache-dir", metavar="DIR",
+                 help="where token caches go (default: $RWKV_JAX_CACHE, else "
+                      "$XDG_CACHE_HOME/rwkv-jax, else ~/.cache/rwkv-jax); nothing is "
+                      "written beside the data")
   g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                  help="tail of the token stream held out for validation (%(default)s)")
   g.add_argument("--batch-size", type=int, default=d.batch_size,

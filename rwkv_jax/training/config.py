@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 from typing import Any
@@ -18,8 +19,16 @@ DEFAULT_N_EMBD = 64
 TRAJECTORY_FIELDS = (
     "batch_size", "ctx_len", "lr", "warmup", "schedule", "final_lr_ratio", "weight_decay",
     "b1", "b2", "eps", "clip", "grad_accum", "z_loss", "seed", "data", "tokenizer",
-    "val_fraction", "dropout",
+    "val_fraction", "dropout", "encoding",
 )
+
+
+def _known_encoding(name: str) -> bool:
+  """A codec that decodes bytes to str (not, e.g., rot13 or base64)."""
+  try:
+    return getattr(codecs.lookup(name), "_is_text_encoding", True)
+  except LookupError:
+    return False
 
 
 @dataclasses.dataclass
@@ -54,6 +63,12 @@ class TrainConfig:
   z_loss: float = 0.0
   data: str | None = None
   tokenizer: str | None = None
+  # How a text tokenizer (--tokenizer) decodes the data files (strictly); the byte
+  # tokenizer reads raw bytes. A trajectory field: it changes the tokens.
+  encoding: str = "utf-8"
+  # Token cache directory (None: rwkv_jax.data.text.default_cache_dir()). Not a
+  # trajectory field: a run may resume with another cache directory.
+  cache_dir: str | None = None
   val_fraction: float = 0.05
   seed: int = 0
   eval_every: int = 100
@@ -124,6 +139,10 @@ class TrainConfig:
     need(not self.resume or self.out is not None, "resume", "needs --out DIR")
     need(self.mesh is None or isinstance(self.mesh, str), "mesh",
          'must be a mesh spec such as "data=2,fsdp=2,tensor=2"')
+    need(isinstance(self.encoding, str) and _known_encoding(self.encoding), "encoding",
+         "must be a Python codec name such as utf-8 or latin-1")
+    need(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir",
+         "must be a directory path")
     if self.data is None and self.tokenizer is not None:
       raise ValueError("--tokenizer needs --data (the synthetic task has its own vocabulary)")
     return self

@@ -112,7 +112,8 @@ def _build_data(cfg: TrainConfig, vocab_size: int | None):
   tok = load_tokenizer(cfg.tokenizer)
   tok_file = None if cfg.tokenizer in (None, "bytes") else cfg.tokenizer
   return TextData(cfg.data, tok, cfg.ctx_len, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                  vocab_size=vocab_size or tok.vocab_size, tokenizer_file=tok_file)
+                  vocab_size=vocab_size or tok.vocab_size, tokenizer_file=tok_file,
+                  cache_dir=cfg.cache_dir, encoding=cfg.encoding)
 
 
 def _initial_model(cfg: TrainConfig, data_vocab: int | None, abstract: bool = False):
