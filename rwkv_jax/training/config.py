@@ -145,6 +145,13 @@ class TrainConfig:
          "must be a directory path")
     if self.data is None and self.tokenizer is not None:
       raise ValueError("--tokenizer needs --data (the synthetic task has its own vocabulary)")
+    if self.tensorboard:  # checked here, before the run makes its folder
+      from rwkv_jax.training.metrics import tensorboard_writer_class
+
+      try:
+        tensorboard_writer_class()
+      except ImportError as e:
+        raise ValueError(str(e)) from None
     return self
 
   def model_config(self, vocab_size: int) -> RWKVConfig:

@@ -80,16 +80,42 @@ class MetricsLog:
       self._tb.close()
 
 
-def _tensorboard_writer(logdir: Path):
+TENSORBOARD_MISSING = ("--tensorboard needs tensorboardX: pip install 'rwkv-jax[tensorboard]' "
+                       "(or pip install tensorboardX)")
+
+
+def tensorboard_writer_class():
+  """tensorboardX's SummaryWriter (else torch's, which needs the tensorboard package);
+  ImportError with TENSORBOARD_MISSING when neither imports. TrainConfig.validate calls
+  this for --tensorboard, so a missing package stops a run before it makes its folder."""
   try:
     from tensorboardX import SummaryWriter
   except ImportError:
     try:
       from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-      raise ImportError("--tensorboard needs `pip install tensorboardX` (or tensorboard "
-                        "with torch)") from e
-  return SummaryWriter(str(logdir))
+      raise ImportError(TENSORBOARD_MISSING) from e
+  return SummaryWriter
+
+
+def _tensorboard_writer(logdir: Path):
+  return tensorboard_writer_class()(str(logdir))
+
+
+def progress_bar_class():
+  """``tqdm.auto.tqdm``: a widget in Jupyter with ipywidgets, else the text bar, without
+  tqdm's "IProgress not found" TqdmWarning when ipywidgets is missing (the text bar is
+  the intended fallback)."""
+  import warnings
+
+  from tqdm import TqdmWarning
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
+  return tqdm
+
+
 
 
 def read_metrics(out_dir) -> list[dict[str, Any]]:
@@ -114,8 +140,8 @@ def plot_loss_curve(out_dir, title: str = "") -> Path | None:
   if not train and not evals:
     return None
   fig, ax = plt.subplots(figsize=(7, 4))
-  if train:
-    ax.plot(*zip(*train), lw=0.8, label="train loss")
+  if train:  # a marker too when there is one point (a 1-step run): a line needs two
+    ax.plot(*zip(*train), lw=0.8, label="train loss", marker="o" if len(train) == 1 else None)
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss (held out)")
   ax.set_xlabel("optimizer step")

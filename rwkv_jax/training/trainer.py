@@ -136,7 +136,7 @@ def _evaluate(eval_step, params, data, cfg: TrainConfig, mesh=None) -> dict[str,
   for batch in data.eval_batches(cfg.batch_size, cfg.eval_size):
     out = jax.device_get(eval_step(params, place_batch(batch, mesh)))
     sums += [float(out["loss_sum"]), float(out["correct"]), float(out["count"])]
-  return data.summarize(*sums)
+  return {k: float(v) for k, v in data.summarize(*sums).items()}  # not np.float64
 
 
 def _mesh(cfg: TrainConfig):
@@ -259,8 +259,7 @@ class _NoLog:
 
 def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start, resuming,
           wall0, mesh=None) -> dict[str, Any]:
-  from tqdm.auto import tqdm
-
+  tqdm = M.progress_bar_class()
   main = sharding.is_main_process()
   state_sh = batch_sh = gather = None
   if mesh is not None:
