@@ -47,6 +47,10 @@ def test_notebook_runs(name, tmp_path, monkeypatch, python3_kernel):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
   assert not errors
+  # No noise for a reader: tqdm's "IProgress not found" warning, numpy scalar reprs.
+  printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.outputs)
+  assert "TqdmWarning" not in printed and "np.float" not in printed
   if name == "02_scaling_laws.ipynb":
     assert (tmp_path / "out" / "scaling-quick" / "scaling.png").is_file()
   else:
@@ -126,6 +130,47 @@ def test_setup_cell_without_a_checkout_needs_rwkv_jax_repo(name, tmp_path, monke
   else:
     with pytest.raises(RuntimeError, match="RWKV_JAX_REPO"):
       _run_setup_cell(name, tmp_path, monkeypatch, colab=True, installed=True)
+
+
+# ---------------------------------------------------------------- the data cell
+
+
+def _run_data_cell(name, cwd, monkeypatch, *, colab: bool):
+  """Executes the notebook's data cell as outside a checkout (no shared/data) in ``cwd``;
+  returns its namespace."""
+  cell = next(c for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells
+              if c.cell_type == "code" and c.source.startswith("# Data:"))
+  monkeypatch.chdir(cwd)
+  namespace = {"REPO": None, "OUT": cwd / "out", "IN_COLAB": colab, "Path": Path}
+  exec(compile(cell.source, f"{name}[data]", "exec"), namespace)
+  return namespace
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_data_cell_outside_a_checkout_uses_the_packaged_text(name, tmp_path, monkeypatch,
+                                                             capsys):
+  """Not a repeated passage (whose "held-out" numbers would be on trained text): the
+  packaged tinyshakespeare excerpt (tests/test_packaging.py checks its split), named."""
+  import urllib.request
+
+  from rwkv_jax.data import SAMPLE_TEXT_SOURCE, sample_text_path
+
+  def offline(url, filename):
+    raise OSError("no network")
+
+  monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+  for colab in (False, True):
+    ns = _run_data_cell(name, tmp_path, monkeypatch, colab=colab)
+    assert ns["DATA_PATH"] == sample_text_path() and ns["DATA_SOURCE"] == SAMPLE_TEXT_SOURCE
+    printed = capsys.readouterr().out
+    assert SAMPLE_TEXT_SOURCE in printed and str(sample_text_path()) in printed
+    assert ("could not download" in printed) == colab  # a failed download is said
+  # In Colab the full text is downloaded, and that is said too.
+  monkeypatch.setattr(urllib.request, "urlretrieve",
+                      lambda url, filename: Path(filename).write_text("downloaded\n"))
+  ns = _run_data_cell(name, tmp_path, monkeypatch, colab=True)
+  assert ns["DATA_PATH"] == tmp_path / "out" / "tinyshakespeare.txt"
+  assert "downloaded from https://" in capsys.readouterr().out
 
 
 def test_setup_cell_clones_rwkv_jax_repo_and_installs_it(tmp_path, monkeypatch):
