@@ -26,7 +26,7 @@ import rwkv_jax
 from rwkv_jax import RWKVConfig, RWKVState
 from rwkv_jax.cli import main as cli_main
 from rwkv_jax.interop import UnsafeCheckpointError, safe_load
-from tests.conftest import rel_err
+from tests.conftest import rel_err, seed_for
 from tests.test_model import random_model
 
 TOL = 1e-5  # float32, ||a - b|| / ||b||
@@ -41,9 +41,15 @@ HF_SIZES = {
 L7_CONFIG = RWKVConfig(n_layer=7, n_embd=24, vocab_size=97, dim_ffn=96)
 
 
+NEEDS_TORCH = ('needs torch and transformers: pip install -e ".[torch]" (CPU torch first: '
+               'see README, Tests)')
+
+
 def _torch():
-  import torch
-  import transformers
+  """(torch, transformers), or skips the calling test (or fixture) when either is missing:
+  the README's plain test install has no torch."""
+  torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+  transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
 
   transformers.logging.set_verbosity_error()
   torch.set_num_threads(1)  # tiny models: threads only add overhead
@@ -101,8 +107,8 @@ def hf_to_blinkdl_name(name: str) -> str:
 class Case:
   """A random HF model saved (before any eval forward rescales it) plus test tokens."""
 
-  def __init__(self, size, tmp_dir):
-    seed = int.from_bytes(os.urandom(4), "little")
+  def __init__(self, size, tmp_dir, config):
+    seed = seed_for(config, "interop-case", size)  # replayable with pytest --seed
     print(f"{size} seed={seed}")
     self.size, self.dir = size, str(tmp_dir)
     self.hf = random_hf_model(size, seed)
@@ -118,12 +124,12 @@ class Case:
 
 @pytest.fixture(scope="module", params=list(HF_SIZES))
 def case(request, tmp_path_factory):
-  return Case(request.param, tmp_path_factory.mktemp(request.param))
+  return Case(request.param, tmp_path_factory.mktemp(request.param), request.config)
 
 
 @pytest.fixture(scope="module")
-def case7(tmp_path_factory):
-  return Case("L7-R2", tmp_path_factory.mktemp("L7"))
+def case7(request, tmp_path_factory):
+  return Case("L7-R2", tmp_path_factory.mktemp("L7"), request.config)
 
 
 @nnx.jit
