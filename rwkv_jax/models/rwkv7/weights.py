@@ -1,0 +1,143 @@
+"""RWKV-7 x070 parameter names and layouts: our NNX paths <-> BlinkDL ``.pth``.
+
+Our path (dotted)                   BlinkDL name                     torch layout vs ours
+  emb                                 emb.weight                       same (V, C)
+  ln0.{weight,bias}                   blocks.0.ln0.{weight,bias}       same (C,)
+  blocks.i.ln{1,2}.*                  blocks.i.ln{1,2}.*               same (C,)
+  blocks.i.att.{x_r,x_w,x_k,x_v,x_a,x_g,w0,a0,v0,k_k,k_a}
+                                      (same names)                     (1, 1, C) vs (C,)
+  blocks.i.att.{w1,a1,v1,g1}          (same names)                     same (C, d)
+  blocks.i.att.{w2,a2,v2,g2}          (same names)                     same (d, C)
+  blocks.i.att.r_k                    blocks.i.att.r_k                 same (H, N)
+  blocks.i.att.ln_x.{weight,bias}     (same names)                     same (C,)
+  blocks.i.ffn.x_k                    blocks.i.ffn.x_k                 (1, 1, C) vs (C,)
+  blocks.i.{att,ffn}.*.kernel         blocks.i.{att,ffn}.*.weight      transposed: (out, in) vs (in, out)
+  ln_out.*                            ln_out.*                         same (C,)
+  head                                head.weight                      transposed: (V, C) vs (C, V)
+
+The LoRA matrices are raw ``nn.Parameter``s used as ``x @ w1 @ w2`` in BlinkDL's code, so
+they keep their layout. Layer 0 stores v0/v1/v2 although it never uses them; so do we.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import numpy as np
+
+from rwkv_jax.models.rwkv7.config import LORA_FIELDS, RWKV7Config
+
+_DIRECT = {"emb": "emb.weight", "ln0.weight": "blocks.0.ln0.weight",
+           "ln0.bias": "blocks.0.ln0.bias", "head": "head.weight"}
+# (C,) vectors that x070 files store as (1, 1, C).
+_MIX = re.compile(r"\.(att\.(x_[rwkvag]|w0|a0|v0|k_k|k_a)|ffn\.x_k)$")
+# Names only x070 files carry (RWKV-4 has time_mix_*, time_decay; x060 has time_maa_*).
+_X070_MARKERS = (re.compile(r"^blocks\.\d+\.att\.r_k$"), re.compile(r"^blocks\.\d+\.att\.x_r$"))
+# BlinkDL name of each LoRA field's first matrix: its second dim is the LoRA dim.
+_LORA_TENSORS = dict(zip(LORA_FIELDS, ("w1", "a1", "v1", "g1")))
+
+
+def layout(our_name: str) -> str:
+  """How the torch tensor relates to ours: "same", "T" (transposed) or "mix" ((1,1,C))."""
+  if our_name == "head" or our_name.endswith(".kernel"):
+    return "T"
+  if _MIX.search(our_name):
+    return "mix"
+  return "same"
+
+
+def to_blinkdl(our_name: str) -> str:
+  if our_name in _DIRECT:
+    return _DIRECT[our_name]
+  if our_name.endswith(".kernel"):
+    return our_name[: -len("kernel")] + "weight"
+  return our_name
+
+
+def to_torch_layout(our_name: str, array: np.ndarray) -> np.ndarray:
+  kind = layout(our_name)
+  if kind == "T":
+    return np.ascontiguousarray(array.T)
+  if kind == "mix":
+    return array.reshape(1, 1, -1)
+  return array
+
+
+def from_torch_layout(our_name: str, array: np.ndarray, shape: tuple[int, ...]):
+  """The torch tensor in our layout, or None when its shape does not fit ``shape``."""
+  kind = layout(our_name)
+  if kind == "T":
+    array = array.T if array.ndim == 2 else array
+  elif kind == "mix" and array.size == int(np.prod(shape)) and array.ndim in (1, 3):
+    array = array.reshape(shape)  # (1, 1, C); some converters squeeze it to (C,)
+  return array if tuple(array.shape) == tuple(shape) else None
+
+
+def expected_torch_shape(our_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  kind = layout(our_name)
+  if kind == "T":
+    return tuple(reversed(shape))
+  if kind == "mix":
+    return (1, 1, *shape)
+  return tuple(shape)
+
+
+def layer_ids(names: Iterable[str]) -> list[int]:
+  """The block indices ``blocks.<i>.`` present among the names."""
+  ids = {int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))}
+  return sorted(ids)
+
+
+def is_family(tensor_names: Iterable[str]) -> bool:
+  """True for an x070 state dict: some block carries both ``att.r_k`` and ``att.x_r``."""
+  names = list(tensor_names)
+  return all(any(p.match(n) for n in names) for p in _X070_MARKERS)
+
+
+def _shape(tensors, name: str, source: str, ndim: int) -> tuple[int, ...]:
+  if name not in tensors:
+    raise ValueError(f"{source}: {name} is missing; an RWKV-7 x070 checkpoint needs it to "
+                     "read the model's sizes")
+  shape = tuple(np.shape(tensors[name]))
+  if len(shape) != ndim:
+    raise ValueError(f"{source}: {name} has shape {shape}, expected {ndim} dimensions")
+  return shape
+
+
+def infer_config(tensors: dict[str, np.ndarray], source: str, overrides: dict) -> RWKV7Config:
+  """The config an x070 state dict describes: n_layer from the block indices; vocab and
+  n_embd from emb.weight (V, C); head_size from r_k (H, N); dim_ffn from ffn.key.weight
+  (F, C); the LoRA dims from w1/a1/v1/g1 (C, d). ``overrides`` may set only the non-shape
+  fields (dtype, wkv_impl, ctx_len, dropout, layer_norm_eps); errors name ``source``."""
+  fixed = sorted(set(overrides) & set(RWKV7Config.SHAPE_FIELDS))
+  if fixed:
+    raise ValueError(f"{fixed} are read from {source} and cannot be overridden")
+  ids = layer_ids(tensors)
+  if not ids:
+    raise ValueError(f"{source}: no blocks.<i>.* tensors; not an RWKV-7 checkpoint")
+  if ids != list(range(len(ids))):
+    gaps = sorted(set(range(ids[-1] + 1)) - set(ids))
+    raise ValueError(f"{source}: blocks {gaps} are missing (found blocks 0..{ids[-1]} "
+                     f"except those)")
+  vocab, n_embd = _shape(tensors, "emb.weight", source, 2)
+  n_head, head_size = _shape(tensors, "blocks.0.att.r_k", source, 2)
+  if n_head * head_size != n_embd:
+    raise ValueError(
+        f"{source}: blocks.0.att.r_k has shape {(n_head, head_size)} (heads H, head size N) "
+        f"but H * N = {n_head * head_size} != n_embd {n_embd} from emb.weight")
+  dim_ffn, c_in = _shape(tensors, "blocks.0.ffn.key.weight", source, 2)
+  if c_in != n_embd:
+    raise ValueError(f"{source}: blocks.0.ffn.key.weight has shape {(dim_ffn, c_in)}; "
+                     f"its input size must be n_embd {n_embd}")
+  lora = {}
+  for field, leaf in _LORA_TENSORS.items():
+    # v1 is read from layer 1 when a (pruned) file leaves out layer 0's unused one.
+    layer = 1 if field == "d_mv" and f"blocks.0.att.{leaf}" not in tensors and len(ids) > 1 else 0
+    c, d = _shape(tensors, f"blocks.{layer}.att.{leaf}", source, 2)
+    if c != n_embd:
+      raise ValueError(f"{source}: blocks.{layer}.att.{leaf} has shape {(c, d)}; its first "
+                       f"dim must be n_embd {n_embd}")
+    lora[field] = d
+  return RWKV7Config(**{"n_layer": len(ids), "n_embd": n_embd, "vocab_size": vocab,
+                        "head_size": head_size, "dim_ffn": dim_ffn, **lora, **overrides})
