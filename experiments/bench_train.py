@@ -11,6 +11,8 @@ when ``--measured-tflops`` is given.
       --wkv-impl associative_scan --batch-sizes 8,16 --json out.json      # GPU
   python experiments/bench_train.py --preset tiny --n-layer 2 --n-embd 64 --ctx-len 256 \
       --dtype float32 --batch-sizes 16        # CPU: the model of the no-argument run
+  python experiments/bench_train.py --preset rwkv7-0.1b --ctx-len 1024 --dtype bfloat16 \
+      --wkv-impl chunked --batch-sizes 8,16    # RWKV-7 (any family's preset name)
 """
 
 from __future__ import annotations
@@ -24,19 +26,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments._common import time_train_steps  # noqa: E402
-from rwkv_jax import RWKV, RWKVConfig
+from rwkv_jax.models import build_model, preset
 from rwkv_jax.training import metrics as M
 from rwkv_jax.training.optim import make_optimizer
 from rwkv_jax.training.step import compile_train_step, init_state, make_train_step
 
 
-def bench(cfg: RWKVConfig, batch_size: int, steps: int, warmup_steps: int, seed: int = 0):
-  tx, _ = make_optimizer(lr=1e-4, steps=1000, warmup=10, weight_decay=0.01, clip=1.0)
-  graphdef, state = init_state(RWKV(cfg, rngs=nnx.Rngs(seed)), tx, seed)
+def bench(cfg, batch_size: int, steps: int, warmup_steps: int, seed: int = 0):
+  model = build_model(cfg, seed)
+  tx, _ = make_optimizer(lr=1e-4, steps=1000, warmup=10, weight_decay=0.01, clip=1.0,
+                         rules=model.optimizer_rules)
+  graphdef, state = init_state(model, tx, seed)
   step_fn = compile_train_step(make_train_step(graphdef, tx))
   rng = np.random.default_rng(seed)
   batches = []
@@ -61,7 +64,7 @@ def main(argv=None):
   p.add_argument("--n-layer", type=int, help="default: the preset's")
   p.add_argument("--n-embd", type=int, help="default: the preset's")
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--wkv-impl", default="associative_scan")
+  p.add_argument("--wkv-impl", default=None, help="default: the platform's")
   p.add_argument("--batch-sizes", default="8,16")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup-steps", type=int, default=2)
@@ -72,7 +75,7 @@ def main(argv=None):
   for name in ("vocab_size", "n_layer", "n_embd"):
     if getattr(args, name):
       over[name] = getattr(args, name)
-  cfg = RWKVConfig.preset(args.preset, **over)
+  cfg = preset(args.preset, **over)
   kind = jax.devices()[0].device_kind
   peak = M.peak_flops(kind, cfg.dtype)
   fpt = M.train_flops_per_token(cfg)
@@ -91,7 +94,7 @@ def main(argv=None):
     rows.append(r)
   result = {"device": kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "preset": args.preset, "config": cfg.to_dict(), "params": cfg.param_count(),
-            "matmul_params": M.matmul_params(cfg), "flops_per_token": fpt,
+            "matmul_params": cfg.matmul_params(), "flops_per_token": fpt,
             "peak_flops_spec": peak, "measured_tflops": args.measured_tflops,
             "steps_timed": args.steps, "rows": rows}
   print(f"{kind}: {args.preset} ({cfg.param_count():,} params, 6N = {fpt / 1e9:.2f} GFLOP/token)"

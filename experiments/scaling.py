@@ -7,7 +7,7 @@ sweep skips those, so a killed sweep continues where it stopped (a half-finished
 resumes from its last checkpoint).
 
 Per run: N = the trainer's matmul parameter count (all parameters but the embedding table,
-whose lookup is a gather; ``rwkv_jax.training.metrics.matmul_params``), D = tokens trained
+whose lookup is a gather; ``cfg.matmul_params()``), D = tokens trained
 (steps x batch x ctx_len), C = 6 N D. Analysis:
 
   * Pareto frontier: runs with a lower loss than every run of smaller or equal compute;

@@ -1,17 +1,29 @@
-"""rwkv-jax: RWKV-4 in JAX / Flax NNX."""
+"""rwkv-jax: RWKV language models (RWKV-4, RWKV-7 "Goose") in JAX / Flax NNX.
+
+Every public name is imported on first use, so ``import rwkv_jax`` (and ``rwkv-jax
+--help``) does not load JAX.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model import RWKV
-from rwkv_jax.state import RWKVState
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-
-# Public names that live in heavier modules, imported on first use.
+# Public name -> the module that defines it.
 _LAZY = {
+    # RWKV-4 (the names of rwkv-jax 0.1)
+    "RWKV": "rwkv_jax.models.rwkv4",
+    "RWKVConfig": "rwkv_jax.models.rwkv4",
+    "RWKVState": "rwkv_jax.models.rwkv4",
+    # RWKV-7
+    "RWKV7": "rwkv_jax.models.rwkv7",
+    "RWKV7Config": "rwkv_jax.models.rwkv7",
+    "RWKV7State": "rwkv_jax.models.rwkv7",
+    # Any family
+    "build_model": "rwkv_jax.models",
+    "config_from_dict": "rwkv_jax.models",
+    "preset": "rwkv_jax.models",
     "generate": "rwkv_jax.inference",
     "SamplingConfig": "rwkv_jax.inference",
     "ChatSession": "rwkv_jax.inference",
@@ -32,4 +44,8 @@ def __getattr__(name):
   raise AttributeError(f"module 'rwkv_jax' has no attribute {name!r}")
 
 
-__all__ = ["RWKV", "RWKVConfig", "RWKVState", *_LAZY]
+def __dir__():
+  return sorted([*globals(), *_LAZY])
+
+
+__all__ = list(_LAZY)

@@ -1,5 +1,5 @@
-"""Load a model from anything ``rwkv-jax`` can read: a training output directory, an HF
-``RwkvForCausalLM`` directory, or a BlinkDL ``.pth`` file.
+"""Load a model from anything ``rwkv-jax`` can read: a training output directory (any
+family), an HF ``RwkvForCausalLM`` directory, or a BlinkDL ``.pth`` file.
 
 A training output directory holds ``config.json`` ({"format": "rwkv-jax", "model": ...,
 "train": ...}) and orbax checkpoints under ``checkpoints/<step>``; the directory alone
@@ -27,9 +27,21 @@ def write_run_config(out_dir, model_cfg, train_cfg) -> None:
   os.replace(tmp, path)
 
 
+def is_run_dir(path) -> bool:
+  """True for a directory whose config.json is an rwkv-jax run config."""
+  cfg = Path(path) / RUN_CONFIG
+  if not cfg.is_file():
+    return False
+  try:
+    return json.loads(cfg.read_text()).get("format") == FORMAT
+  except (json.JSONDecodeError, AttributeError, OSError):
+    return False
+
+
 def read_run_config(out_dir) -> tuple[Any, Any]:
-  """(RWKVConfig, TrainConfig or None) from ``out/config.json``."""
-  from rwkv_jax.config import RWKVConfig
+  """(model config of the run's family, TrainConfig or None) from ``out/config.json``;
+  a model entry without "family" (runs written before RWKV-7) is RWKV-4."""
+  from rwkv_jax.models import config_from_dict
 
   path = Path(out_dir) / RUN_CONFIG
   if not path.is_file():
@@ -45,50 +57,43 @@ def read_run_config(out_dir) -> tuple[Any, Any]:
     from rwkv_jax.training.config import TrainConfig
 
     train = TrainConfig.from_dict(data["train"])
-  return RWKVConfig.from_dict(data["model"]), train
+  return config_from_dict(data["model"]), train
 
 
-def _is_hf_dir(path: Path) -> bool:
-  cfg = path / "config.json"
-  if not cfg.is_file():
-    return False
-  try:
-    return json.loads(cfg.read_text()).get("model_type") == "rwkv"
-  except (json.JSONDecodeError, AttributeError):
-    return False
-
-
-def load_model(path, *, step: int | None = None):
-  """Returns ``(model, cfg)``.
+def load_model(path, *, step: int | None = None, **config_overrides):
+  """Returns ``(model, cfg)`` for a model of any family.
 
   ``path``: a training output dir (``step`` picks a checkpoint, default the latest), an HF
   directory (config.json with model_type "rwkv") or a ``.pth`` / ``.safetensors`` file;
-  the last two go through ``rwkv_jax.interop.from_pretrained``.
+  the last two go through ``rwkv_jax.interop.from_pretrained``. ``config_overrides``:
+  non-shape config fields (dtype, wkv_impl, ctx_len, ...).
   """
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"model path not found: {path}")
-  if path.is_file() or _is_hf_dir(path):
+  if not (path.is_dir() and is_run_dir(path)):
     if step is not None:
       raise ValueError("step= applies only to rwkv-jax training directories")
     from rwkv_jax.interop import from_pretrained  # optional part, imported on use
 
-    loaded = from_pretrained(str(path))
-    if isinstance(loaded, tuple):
-      return loaded
+    loaded = from_pretrained(str(path), **config_overrides)
     return loaded, loaded.cfg
-  return _load_training_dir(path, step)
+  return _load_training_dir(path, step, config_overrides)
 
 
-def _load_training_dir(path: Path, step: int | None):
+def _load_training_dir(path: Path, step: int | None, overrides: dict):
   import jax
   from flax import nnx
 
-  from rwkv_jax.model import RWKV
+  from rwkv_jax.models import abstract_model
   from rwkv_jax.training.checkpointing import Checkpointer
 
   cfg, _ = read_run_config(path)
-  abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+  fixed = sorted(set(overrides) & set(cfg.SHAPE_FIELDS))
+  if fixed:
+    raise ValueError(f"{fixed} are fixed by the run in {path} and cannot be overridden")
+  cfg = cfg.replace(**overrides)
+  abstract = abstract_model(cfg)
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   ckpt = Checkpointer(path, create=False)
   try:

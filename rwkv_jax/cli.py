@@ -16,7 +16,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="rwkv-jax", description="RWKV-4 in JAX / Flax NNX.")
+  parser = argparse.ArgumentParser(prog="rwkv-jax", description="RWKV-4 and RWKV-7 in JAX / Flax NNX.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name in COMMAND_MODULES:
     try:

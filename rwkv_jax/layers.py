@@ -1,4 +1,5 @@
-"""Small NNX building blocks: logically annotated parameters, Dense, LayerNorm."""
+"""Small NNX building blocks shared by the families: logically annotated parameters,
+Dense, LayerNorm, token shift, residual dropout."""
 
 from __future__ import annotations
 
@@ -46,3 +47,16 @@ class LayerNorm(nnx.Module):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+
+
+def token_shift(x, last):
+  """x (B, T, C), last (B, C) -> the previous token's x at every position (B, T, C)."""
+  return jnp.concatenate([last[:, None].astype(x.dtype), x[:, :-1]], axis=1)
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout of x; the identity without a key or at rate 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)

@@ -10,7 +10,7 @@ so one table serves every strategy:
   tensor  tensor parallel: the channel dimension of R/K/V/W_o, the FFN hidden dimension
           and the vocabulary are split. WKV is channel-wise, so it runs with no
           communication (tests/test_sharding.py inspects the compiled HLO for this); the
-          Pallas kernel runs per shard in ``shard_map`` (``per_shard_wkv``).
+          Pallas kernel runs per shard in ``shard_map`` (``rwkv_jax.ops.per_shard``).
 
 Parameters carry logical axis names in their ``out_sharding`` metadata
 (``rwkv_jax.layers.param``). Optimizer states (optax, ``nnx.Optimizer``) mirror the
@@ -21,7 +21,6 @@ Leaves that match no parameter (step counters, scalars) are replicated.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
 import os
@@ -44,12 +43,14 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",            # channel-mix hidden size F
     "embed_out": None,          # channel-mix receptance outputs (D); its input is on fsdp
     "norm": None,               # LayerNorm weight/bias: tiny, replicated
+    "lora": None,               # low-rank inner dimensions (RWKV-7 decay/iclr/gate LoRAs)
+    "head": None,               # heads of a per-head parameter or state (RWKV-7)
+    "head_v": None,             # value / key index inside a head's N x N WKV-7 state
+    "head_k": None,
+    "layer": None,              # the layer axis of stacked states (and stacked layers)
 }
 
 _warned: set[str] = set()
-# The mesh a step is being traced for (see ``traced_on_mesh``); None outside.
-_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
-    "rwkv_jax_active_mesh", default=None)
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -262,46 +263,18 @@ def abstract_on_device(tree, device=None):
 
 
 def traced_on_mesh(fn, mesh: Mesh | None):
-  """``fn`` whose tracing sees ``mesh`` (wrap it before ``jax.jit``), so that WKV kernels
-  XLA cannot split run per shard (``per_shard_wkv``). Identity for ``mesh=None``."""
+  """``fn`` traced under ``mesh`` as JAX's abstract mesh context (wrap it before
+  ``jax.jit``), so that WKV kernels XLA cannot split run per shard
+  (``rwkv_jax.ops.per_shard`` reads ``jax.sharding.get_abstract_mesh()``). Identity for
+  ``mesh=None``. Calling a jitted step inside ``jax.set_mesh(mesh)`` does the same."""
   if mesh is None:
     return fn
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    token = _ACTIVE_MESH.set(mesh)
-    try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
-    finally:
-      _ACTIVE_MESH.reset(token)
   return wrapped
-
-
-def per_shard_wkv(wkv_fn, w, u, k, v, state=None):
-  """Runs ``wkv_fn(w, u, k, v, state) -> (y, WKVState)`` on each shard of the mesh being
-  traced for: batch over the table's ``batch`` axes, channels over its ``att`` axis.
-
-  For the Pallas kernel: a custom call is opaque to XLA's partitioner, which would gather
-  k and v onto every device and run the whole WKV on each. WKV is independent per
-  (sequence, channel), so running it on the local block is exact and needs no
-  communication; the gradients of w and u (shared over the batch) are summed over the
-  batch axes by shard_map's transpose. Outside ``traced_on_mesh`` it just calls wkv_fn.
-  """
-  mesh = _ACTIVE_MESH.get()
-  if mesh is None or mesh.size == 1:
-    return wkv_fn(w, u, k, v, state)
-  from rwkv_jax.ops import WKVState  # rwkv_jax.ops imports this module lazily
-
-  b, _, c = k.shape
-  if state is None:
-    state = WKVState.zeros(b, c)
-  seq = logical_to_mesh_spec(("batch", None, "att"), k.shape, mesh)
-  vec = logical_to_mesh_spec(("att",), (c,), mesh)
-  st = P(seq[0], seq[2])
-  run = jax.shard_map(lambda *a: wkv_fn(*a[:4], WKVState(*a[4:])), mesh=mesh,
-                      in_specs=(vec, vec, seq, seq, st, st, st),
-                      out_specs=(seq, WKVState(st, st, st)), check_vma=False)
-  return run(w, u, k, v, *WKVState(*state))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -311,10 +284,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",)))
 
 
-def rnn_state_sharding(mesh: Mesh) -> NamedSharding:
-  """Recurrent state fields (L, B, C): the batch split like the tokens; layers and
-  channels whole on each device (a decode step's state is small next to the weights)."""
-  return NamedSharding(mesh, logical_to_mesh_spec((None, "batch", None)))
+def rnn_state_shardings(mesh: Mesh, state_axes):
+  """Shardings of a family's recurrent state from its logical axes (``state_axes()``):
+  the batch split like the tokens; every other axis (layers, channels, heads) whole on
+  each device (a decode step's state is small next to the weights)."""
+  from rwkv_jax.state import is_axes
+
+  def one(axes):
+    names = tuple(n if n == "batch" else None for n in axes)
+    return NamedSharding(mesh, logical_to_mesh_spec(names))
+  return jax.tree.map(one, state_axes, is_leaf=is_axes)
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -419,6 +398,6 @@ __all__ = [
     "batch_sharding", "batch_shards", "compute_gather", "distributed_env", "is_main_process",
     "local_batch_indices", "logical_axes", "logical_to_mesh_spec", "make_mesh",
     "maybe_initialize_distributed", "mesh_description", "param_shardings", "parse_mesh_spec",
-    "per_shard_wkv", "place_batch", "rnn_state_sharding", "shard_model", "state_shardings",
+    "place_batch", "rnn_state_shardings", "shard_model", "state_shardings",
     "traced_on_mesh", "tree_shardings",
 ]

@@ -1,58 +1,111 @@
-"""The recurrent state of a whole RWKV-4 model.
+"""Recurrent-state utilities, written once over any family's state pytree.
 
-Five float32 vectors per layer, stacked over layers: every field is (L, B, C).
+A family's state is a NamedTuple of float32 arrays; ``model.state_axes()`` names each
+leaf's axes (always ``("layer", "batch", ...)``). Everything here finds the batch axis from
+those names, so it works unchanged for RWKV-4's (L, B, C) vectors and RWKV-7's
+(L, B, H, N, N) matrices.
 
-  field     meaning                                       HF `state[j]` (B, C, L)   ChatRWKV v4
-  att_x     LN1 output of the last token (time-mix shift)   j = 1                  state[5l+1]
-  att_num   WKV numerator a'                                 j = 2                  state[5l+2]
-  att_den   WKV denominator b'                               j = 3                  state[5l+3]
-  att_max   WKV shared exponent p (-1e38 when empty)         j = 4                  state[5l+4]
-  ffn_x     LN2 output of the last token (chan-mix shift)    j = 0                  state[5l+0]
-
-HF (``RwkvFeedForward`` reads ``state[0]``, ``RwkvSelfAttention`` ``state[1..4]``) keeps
-ChatRWKV's order with the layer axis last: see ``to_hf_state``/``from_hf_state``.
+``RWKVState`` (RWKV-4's state) is importable from here, as before the families split.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from rwkv_jax.ops import NEG_INF_EXP, WKVState
+BATCH = "batch"
 
 
-class RWKVState(NamedTuple):
-  att_x: jax.Array    # L B C
-  att_num: jax.Array  # L B C
-  att_den: jax.Array  # L B C
-  att_max: jax.Array  # L B C
-  ffn_x: jax.Array    # L B C
+def is_axes(x) -> bool:
+  """A leaf of ``state_axes()``: a tuple of axis names."""
+  return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
 
-  @classmethod
-  def zeros(cls, n_layer: int, batch_size: int, n_embd: int) -> "RWKVState":
-    z = jnp.zeros((n_layer, batch_size, n_embd), jnp.float32)
-    return cls(z, z, z, jnp.full_like(z, NEG_INF_EXP), z)
 
-  def layer(self, i: int) -> "RWKVState":
-    """The (B, C) vectors of layer i."""
-    return RWKVState(*(x[i] for x in self))
+def tree_with_axes(fn, axes, state, *others):
+  """``fn(leaf_axes, leaf, *other_leaves)`` over the state's leaves; ``axes`` is the
+  state's structure with a tuple of names per leaf, ``others`` have the state's structure."""
+  leaves, treedef = jax.tree.flatten(state)
+  axes_leaves = jax.tree.leaves(axes, is_leaf=is_axes)
+  if len(axes_leaves) != len(leaves):
+    raise ValueError(f"state has {len(leaves)} leaves but its axes name {len(axes_leaves)}")
+  rest = [jax.tree.leaves(o) for o in others]
+  return jax.tree.unflatten(
+      treedef, [fn(a, x, *(r[i] for r in rest)) for i, (a, x) in enumerate(zip(axes_leaves, leaves))])
 
-  def wkv(self) -> WKVState:
-    return WKVState(self.att_num, self.att_den, self.att_max)
 
-  @classmethod
-  def stack(cls, layers: list["RWKVState"]) -> "RWKVState":
-    return cls(*(jnp.stack(xs) for xs in zip(*layers)))
+def expected_state(model, batch: int):
+  """``jax.eval_shape(model.init_state)``: the state's structure, shapes and dtypes."""
+  return jax.eval_shape(lambda: model.init_state(batch))
 
-  def to_hf_state(self) -> list[jax.Array]:
-    """HF transformers ``RwkvModel`` layout: [ffn_x, att_x, num, den, max], each (B, C, L)."""
-    return [x.transpose(1, 2, 0) for x in (self.ffn_x, *self[:4])]
 
-  @classmethod
-  def from_hf_state(cls, hf_state) -> "RWKVState":
-    if len(hf_state) != 5:
-      raise ValueError(f"an HF RWKV state is a list of 5 arrays, got {len(hf_state)}")
-    ffn_x, *att = (jnp.asarray(x, jnp.float32).transpose(2, 0, 1) for x in hf_state)
-    return cls(*att, ffn_x)
+def _describe(state) -> str:
+  fields = getattr(state, "_fields", None)
+  leaves = jax.tree.leaves(state)
+  shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
+  if fields and len(fields) == len(shapes):
+    return f"{type(state).__name__}(" + ", ".join(
+        f"{f}={s}" for f, s in zip(fields, shapes)) + ")"
+  return f"{type(state).__name__} with leaf shapes {shapes}"
+
+
+def check_state(model, state, batch: int):
+  """``state`` validated against ``model.init_state(batch)`` (structure and every shape),
+  as float32; None gives the empty state. ValueError names the field and both shapes, or
+  both families when the state is of another family's type."""
+  if state is None:
+    return model.init_state(batch)
+  want = expected_state(model, batch)
+  family = model.cfg.family
+  if type(state) is not type(want) and hasattr(state, "_fields"):
+    raise ValueError(f"the state is a {type(state).__name__} but this {family} model needs a "
+                     f"{type(want).__name__}: {_describe(want)}")
+  try:
+    state = type(want)(*state) if hasattr(want, "_fields") else state
+    leaves = jax.tree.leaves(state)
+  except TypeError as e:
+    raise ValueError(f"the state does not fit this {family} model's {_describe(want)}: "
+                     f"{e}") from None
+  want_leaves = jax.tree.leaves(want)
+  if len(leaves) != len(want_leaves):
+    raise ValueError(f"the state has {len(leaves)} arrays; this {family} model needs "
+                     f"{_describe(want)}")
+  names = getattr(want, "_fields", [str(i) for i in range(len(want_leaves))])
+  for name, x, w in zip(names, leaves, want_leaves):
+    if tuple(jnp.shape(x)) != w.shape:
+      raise ValueError(
+          f"state.{name} has shape {tuple(jnp.shape(x))}; this {family} model "
+          f"({model.cfg.describe_shape()}) and {batch} sequence(s) need {w.shape}")
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), state)
+
+
+def batch_axis(axes: tuple) -> int:
+  return axes.index(BATCH)
+
+
+def select_rows(model, mask, new, old):
+  """Per-sequence choice between two states: ``new`` where mask (B,) is True."""
+  def pick(axes, n, o):
+    shape = [1] * n.ndim
+    shape[batch_axis(axes)] = -1
+    return jnp.where(mask.reshape(shape), n, o)
+
+  return tree_with_axes(pick, model.state_axes(), new, old)
+
+
+def take_rows(model, state, rows):
+  """The state of the sequences ``rows`` (an index array) only."""
+  rows = jnp.asarray(rows)
+  return tree_with_axes(lambda a, x: jnp.take(x, rows, axis=batch_axis(a)),
+                        model.state_axes(), state)
+
+
+def __getattr__(name):
+  if name == "RWKVState":  # the RWKV-4 state, where it was before the families split
+    from rwkv_jax.models.rwkv4.state import RWKVState
+
+    return RWKVState
+  raise AttributeError(f"module 'rwkv_jax.state' has no attribute {name!r}")
+
+
+__all__ = ["batch_axis", "is_axes", "check_state", "expected_state", "select_rows", "take_rows",
+           "tree_with_axes"]

@@ -16,7 +16,8 @@ from flax import nnx
 from pallas_kernels import rwkv4_decode
 from rwkv_jax import RWKV, RWKVConfig
 from rwkv_jax.inference import SamplingConfig, generate
-from rwkv_jax.inference._fused import fused_forward, layer_weights, resolve_decode_step
+from rwkv_jax.inference._engine import resolve_decode_step
+from rwkv_jax.models.rwkv4.decode import fused_forward
 from tests.conftest import rel_err
 from tests.test_model import random_model
 
@@ -39,7 +40,7 @@ _model_step = nnx.jit(lambda m, t, s: m.forward_with_state(t[:, None], s))
 
 @functools.partial(nnx.jit, static_argnames="options")
 def _fused_step(m, tok, state, options=()):
-  return fused_forward(m, layer_weights(m, m.cfg.dtype), tok, state, **dict(options))
+  return fused_forward(m, m.decode_weights(m.cfg.dtype), tok, state, **dict(options))
 
 
 def compare(model, rng, batch, steps=2, **plan_options):
@@ -106,13 +107,13 @@ def test_plan_and_step_choice_reject_what_cannot_run(model):
   with pytest.raises(ValueError, match="dim_ffn"):
     rwkv4_decode.DecodePlan.make(1, 64, 96, 1e-5, block_out=16)
   with pytest.raises(ValueError, match="unknown decode step"):
-    resolve_decode_step("fused", cfg, 1)
+    resolve_decode_step("fused", model, 1)
   with pytest.raises(ValueError, match="one device"):
-    resolve_decode_step("pallas", cfg, 1, on_mesh=True)
+    resolve_decode_step("pallas", model, 1, on_mesh=True)
   with pytest.raises(ValueError, match="batch 1..8"):
-    resolve_decode_step("pallas", cfg, 16)
-  assert resolve_decode_step(None, cfg, 16) == "model"
-  assert resolve_decode_step(None, cfg, 1) == ("pallas" if jax.default_backend() == "gpu"
+    resolve_decode_step("pallas", model, 16)
+  assert resolve_decode_step(None, model, 16) == "model"
+  assert resolve_decode_step(None, model, 1) == ("pallas" if jax.default_backend() == "gpu"
                                                 else "model")
 
 
@@ -126,7 +127,7 @@ def test_kernels_lower_to_triton(preset, batch):
   plan = rwkv4_decode.DecodePlan.make(batch, cfg.n_embd, cfg.dim_ffn, cfg.layer_norm_eps)
 
   def step(params, x, state):
-    lw = layer_weights(nnx.merge(graphdef, params), jnp.bfloat16)[0]
+    lw = nnx.merge(graphdef, params).decode_weights(jnp.bfloat16)[0]
     return rwkv4_decode.block_step(plan, 0, lw, x, state)
 
   x = jax.ShapeDtypeStruct((batch, cfg.n_embd), jnp.float32)

@@ -24,13 +24,12 @@ def corpus(tmp_path):
 
 
 def test_full_grid_fits_one_gpu_and_the_corpus(tmp_path):
-  from rwkv_jax.training.metrics import matmul_params
 
   runs = scaling.grid(scaling.FULL)
   assert len(runs) == 20
   cfgs = [scaling.train_config(r, scaling.FULL, tmp_path / "c.txt", tmp_path / r.name)
           for r in runs]
-  n = {(c.n_layer, c.n_embd): matmul_params(c.model_config(256)) for c in cfgs}
+  n = {(c.n_layer, c.n_embd): c.model_config(256).matmul_params() for c in cfgs}
   assert max(n.values()) / min(n.values()) > 100  # the sizes span two decades
   for run, cfg in zip(runs, cfgs):
     cfg.validate()

@@ -352,7 +352,8 @@ def test_convert_cli_between_formats(case7, tmp_path, capsys):
   _, transformers = _torch()
   pth, hf2, hf3 = str(tmp_path / "m.pth"), str(tmp_path / "hf2"), str(tmp_path / "hf3")
   assert cli_main(["convert", case7.dir, pth]) == 0
-  assert "n_layer=7 n_embd=24 vocab_size=97 dim_ffn=96" in capsys.readouterr().out
+  assert "family=rwkv4, n_layer=7, n_embd=24, vocab_size=97, dim_ffn=96" in \
+      capsys.readouterr().out
   assert cli_main(["convert", pth, hf2]) == 0
   assert cli_main(["convert", case7.dir, hf3]) == 0
   # .pth and its HF conversion: the un-rescaled model (rescale_every=0 is written).

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from rwkv_jax import RWKV, RWKVConfig, RWKVState
-from rwkv_jax import init as appendix_e
+from rwkv_jax.models.rwkv4 import init as appendix_e
 from rwkv_jax.testing import perturb_params
 from tests.conftest import rel_err
 
@@ -71,14 +71,18 @@ def test_bad_tokens_raise(model):
     model(jnp.ones((1, 3)))
   with pytest.raises(ValueError, match="batch, time"):
     model(jnp.array([1, 2, 3]))
-  with pytest.raises(ValueError, match="state shape"):
+  with pytest.raises(ValueError, match=r"state.att_x has shape \(3, 2, 32\).*need \(3, 1, 32\)"):
     model.forward_with_state(jnp.array([[1]]), model.init_state(2))
 
 
 def test_out_of_range_under_jit_is_nan_not_clamped(model):
-  logits = nnx.jit(lambda m, t: m(t))(model, jnp.array([[1, 99]]))
-  assert np.isfinite(np.asarray(logits[0, 0])).all()
-  assert np.isnan(np.asarray(logits[0, 1])).all()
+  # Negative ids too: jnp.take would wrap -1 to the last row (issue 17.13).
+  # One id per row (a NaN carries on through the recurrence to later positions).
+  logits = nnx.jit(lambda m, t: m(t))(model, jnp.array([[1], [99], [-1], [-64], [63]]))
+  finite = np.isfinite(np.asarray(logits[:, 0])).all(-1)
+  nan = np.isnan(np.asarray(logits[:, 0])).all(-1)
+  assert finite.tolist() == [True, False, False, False, True]
+  assert nan.tolist() == [False, True, True, True, False]
 
 
 @pytest.mark.parametrize("name", RWKVConfig.preset_names())

@@ -27,40 +27,39 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rwkv_jax.inference._fused import step_function
 from rwkv_jax.inference.sampling import SamplingConfig, sample
-from rwkv_jax.state import RWKVState
+from rwkv_jax.state import select_rows
 
 
 class DecodeCarry(NamedTuple):
   """What the decode loop carries from one token to the next (B = batch, V = vocab)."""
 
-  state: RWKVState     # L B C, after every consumed token
+  state: object        # the family's state pytree, after every consumed token
   logits: jax.Array    # B V float32, the next-token logits
   done: jax.Array      # B bool, hit a stop token or the token limit
   counts: jax.Array | None  # B V int32 generated-token counts (only with penalties)
   step: jax.Array      # () int32, tokens decoded so far (keys are folded in by step)
 
 
-def _select(mask, new, old):
-  """Per-sequence choice between two states; mask (B,) bool, fields (L, B, C)."""
-  return jax.tree.map(lambda n, o: jnp.where(mask[None, :, None], n, o), new, old)
+def resolve_decode_step(step: str | None, model, batch: int, on_mesh: bool = False) -> str:
+  """The decode step to use: one of ``model.decode_steps()`` ("model" is the model's own
+  one-token forward; a family may offer fused kernels). None picks the family's default on
+  one device and "model" on a mesh. ValueError for an unknown name or a step that cannot
+  take this batch."""
+  if step is None:
+    return "model" if on_mesh else model.default_decode_step(batch)
+  if step not in model.decode_steps():
+    raise ValueError(f"unknown decode step {step!r} for {model.cfg.family}; choose from "
+                     f"{model.decode_steps()} or None")
+  if step != "model":
+    if on_mesh:
+      raise ValueError(f"decode_step={step!r} runs on one device; use 'model' with a mesh")
+    model.check_decode_step(step, batch)
+  return step
 
 
-def _hidden_with_state(model, tokens, state: RWKVState, implementation):
-  """``model.forward_with_state`` without the head: (x (B, T, C) before ln_out, state).
-
-  The head is applied only where logits are needed (the last prompt token), since the full
-  (B, T, V) logits of a long prompt would dominate prefill time and memory (XLA does not
-  narrow the head matmul to the sliced position).
-  """
-  x = model.embed(tokens)
-  impl = "scan" if tokens.shape[1] == 1 else (implementation or model.cfg.wkv_impl)
-  layers = []
-  for i, block in enumerate(model.blocks):
-    x, s = block(x, state.layer(i), impl)
-    layers.append(s)
-  return x, RWKVState.stack(layers)
+def _hidden_with_state(model, tokens, state, implementation):
+  return model.hidden_with_state(tokens, state, implementation=implementation)
 
 
 def advance(model, tokens, state, implementation, chunk):
@@ -102,6 +101,7 @@ def _prefill_body(model, tokens, lengths, state, implementation, chunk, min_para
   batch, t_pad = tokens.shape
   pos = jnp.zeros((batch,), jnp.int32)
   last_x = jnp.zeros((batch, model.cfg.n_embd), jnp.float32)
+  _select = functools.partial(select_rows, model)
   gather = lambda idx: jnp.take_along_axis(tokens, jnp.minimum(idx, t_pad - 1), axis=1)
   for j in reversed(range(t_pad.bit_length())):
     size = 1 << j
@@ -129,16 +129,17 @@ def _prefill_body(model, tokens, lengths, state, implementation, chunk, min_para
   return model.logits(last_x[:, None])[:, 0], state
 
 
-def cast_matmul_weights(params, dtype: str):
-  """Dense kernels and the head in the compute dtype (bf16 halves what each decode step
-  reads). The math is unchanged: ``layers.matmul`` casts them to this dtype anyway; the
-  embedding, LayerNorms, mixes and decays stay float32."""
+def cast_matmul_weights(params, dtype: str, names=frozenset({"kernel", "head"})):
+  """The matrices named ``names`` (the model's ``MATMUL_PARAMS``) in the compute dtype
+  (bf16 halves what each decode step reads). The math is unchanged: ``layers.matmul``
+  casts them to this dtype anyway; the embedding, LayerNorms, mixes and decays stay
+  float32."""
   if dtype == "float32":
     return params
 
   def cast(path, x):
-    names = {getattr(p, "key", None) for p in path}
-    return x.astype(dtype) if x.ndim == 2 and names & {"kernel", "head"} else x
+    keys = {getattr(p, "key", None) for p in path}
+    return x.astype(dtype) if x.ndim == 2 and keys & set(names) else x
 
   return jax.tree_util.tree_map_with_path(cast, params)
 
@@ -173,9 +174,10 @@ def decode_program(graphdef, params, carry: DecodeCarry, key, limit, stops, pad_
 
 def _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, sampling, unroll,
                  step_impl="model", step_options=()):
-  dtype = nnx.merge(graphdef, params).cfg.dtype
-  model = nnx.merge(graphdef, cast_matmul_weights(params, dtype))
-  forward = step_function(model, step_impl, **dict(step_options))
+  template = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, cast_matmul_weights(params, template.cfg.dtype,
+                                                  template.MATMUL_PARAMS))
+  forward = model.decode_step_function(step_impl, **dict(step_options))
 
   def body(c: DecodeCarry, _):
     active = ~c.done & (c.step < limit)
@@ -187,7 +189,7 @@ def _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, samp
       counts = counts.at[jnp.arange(feed.shape[0]), feed].add(active.astype(counts.dtype))
     stopped = jnp.any(tok[:, None] == stops[None, :], axis=1)
     new = DecodeCarry(
-        state=_select(active, state, c.state),
+        state=select_rows(model, active, state, c.state),
         logits=jnp.where(active[:, None], logits, c.logits),
         done=c.done | (active & stopped) | (c.step + 1 >= limit),
         counts=counts,
@@ -201,7 +203,7 @@ def _decode_body(graphdef, params, carry, key, limit, stops, pad_id, steps, samp
 
 # ----------------------------------------------------------------------------- on a mesh
 # The same programs jitted with explicit shardings: parameters as the rules table says,
-# every per-sequence array (tokens, lengths, states (L, B, C), logits, flags) split over the
+# every per-sequence array (tokens, lengths, state leaves, logits, flags) split over the
 # table's batch axes, scalars and keys replicated. Static options come first, positionally
 # (jit takes no keyword arguments together with in_shardings); jit's cache is keyed by the
 # function and the shardings, so building the jit object per call does not recompile.
@@ -229,13 +231,13 @@ def _decode_on_mesh(mesh, graphdef, steps, sampling, unroll, params, carry, key,
                       pad_id, steps, sampling, unroll)
 
 
-def mesh_shardings(mesh, params, penalties: bool = False):
-  """(parameter shardings, per-sequence sharding, RWKVState of shardings, DecodeCarry of
+def mesh_shardings(mesh, graphdef, params, penalties: bool = False):
+  """(parameter shardings, per-sequence sharding, the state's shardings, DecodeCarry of
   shardings (``counts`` only with ``penalties``), replicated sharding) on ``mesh``."""
   from rwkv_jax import sharding as sh
 
   rows = sh.batch_sharding(mesh)
-  state = RWKVState(*(sh.rnn_state_sharding(mesh) for _ in RWKVState._fields))
+  state = sh.rnn_state_shardings(mesh, nnx.merge(graphdef, params).state_axes())
   rep = NamedSharding(mesh, P())
   carry = DecodeCarry(state, rows, rows, rows if penalties else None, rep)
   return sh.param_shardings(params, mesh), rows, state, carry, rep
@@ -245,7 +247,7 @@ def prefill_on_mesh(mesh, graphdef, params, tokens, lengths, state, *, implement
                     min_parallel):
   """``prefill_program`` on ``mesh``; the arguments must already lie as
   ``mesh_shardings`` says (``generate`` places them)."""
-  p_sh, rows, st, _, _ = mesh_shardings(mesh, params)
+  p_sh, rows, st, _, _ = mesh_shardings(mesh, graphdef, params)
   run = jax.jit(_prefill_on_mesh, static_argnums=(0, 1, 2, 3, 4),
                 in_shardings=(p_sh, rows, rows, st), out_shardings=(rows, st))
   return run(mesh, graphdef, implementation, chunk, min_parallel, params, tokens, lengths,
@@ -255,7 +257,7 @@ def prefill_on_mesh(mesh, graphdef, params, tokens, lengths, state, *, implement
 def decode_on_mesh(mesh, graphdef, params, carry: DecodeCarry, key, limit, stops, pad_id, *,
                    steps, sampling: SamplingConfig, unroll: int = 1):
   """``decode_program`` on ``mesh``: tokens and active flags come back split by rows."""
-  p_sh, rows, _, carry_sh, rep = mesh_shardings(mesh, params, carry.counts is not None)
+  p_sh, rows, _, carry_sh, rep = mesh_shardings(mesh, graphdef, params, carry.counts is not None)
   run = jax.jit(_decode_on_mesh, static_argnums=(0, 1, 2, 3, 4),
                 in_shardings=(p_sh, carry_sh, rep, rep, rep, rep),
                 out_shardings=(carry_sh, rows, rows))

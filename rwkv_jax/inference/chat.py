@@ -1,6 +1,6 @@
 """Multi-turn conversations that keep their recurrent state between messages.
 
-Each conversation is just an RWKVState (batch 1): a new message is prefilled on top of it
+Each conversation is just a recurrent state (the model's state pytree, batch 1): a new message is prefilled on top of it
 and the reply is decoded from there, so a turn costs only its own tokens however long the
 conversation is. States live in a bounded LRU cache; a conversation evicted from it
 starts again from an empty state (``save``/``load`` keep one across evictions or runs).
@@ -16,14 +16,14 @@ import jax
 from rwkv_jax.inference.generate import TokenStream, as_key, generate
 from rwkv_jax.inference.sampling import SamplingConfig
 from rwkv_jax.inference.state_io import load_state, save_state
-from rwkv_jax.state import RWKVState
+from rwkv_jax.state import check_state
 
 
 class ChatSession:
   """Keeps per-conversation states for one model.
 
   Args:
-    model: an ``RWKV``.
+    model: a model of any family (``rwkv_jax.models``).
     tokenizer: optional; needed to send text (``encode``) rather than token ids.
     sampling: ``SamplingConfig`` for every reply (default: temperature 1).
     key: PRNG key or int seed; turn n of the session draws with ``fold_in(key, n)``.
@@ -52,7 +52,7 @@ class ChatSession:
     self.decode_step = decode_step
     self._key = as_key(key)
     self._turn = 0
-    self._states: collections.OrderedDict[Hashable, RWKVState] = collections.OrderedDict()
+    self._states: collections.OrderedDict[Hashable, object] = collections.OrderedDict()
 
   # Cache.
   @property
@@ -66,17 +66,15 @@ class ChatSession:
   def __contains__(self, conversation) -> bool:
     return conversation in self._states
 
-  def state(self, conversation="default") -> RWKVState | None:
+  def state(self, conversation="default"):
     return self._states.get(conversation)
 
   def reset(self, conversation="default") -> None:
     self._states.pop(conversation, None)
 
-  def set_state(self, conversation, state: RWKVState) -> None:
-    shape = (self.model.cfg.n_layer, 1, self.model.cfg.n_embd)
-    if tuple(state.att_x.shape) != shape:
-      raise ValueError(f"a conversation state must be {shape}, got {tuple(state.att_x.shape)}")
-    self._states[conversation] = state
+  def set_state(self, conversation, state) -> None:
+    """Sets a conversation's state (batch 1); ValueError if it does not fit the model."""
+    self._states[conversation] = check_state(self.model, state, 1)
     self._states.move_to_end(conversation)
     while len(self._states) > self.max_conversations:
       self._states.popitem(last=False)

@@ -17,10 +17,9 @@ from flax import nnx
 
 from rwkv_jax.inference._engine import (
     DecodeCarry, decode_on_mesh, decode_program, mesh_shardings, prefill_on_mesh,
-    prefill_program, stop_array)
-from rwkv_jax.inference._fused import resolve_decode_step
+    prefill_program, resolve_decode_step, stop_array)
 from rwkv_jax.inference.sampling import SamplingConfig
-from rwkv_jax.state import RWKVState
+from rwkv_jax.state import check_state
 
 PREFILL_TOKENS_PER_CALL = 1 << 16  # B * chunk tokens per parallel forward in prefill
 MIN_PARALLEL = 16  # prompt pieces shorter than this take the recurrent step
@@ -31,13 +30,13 @@ class GenerateOutput(NamedTuple):
 
   tokens: (B, max_new_tokens) int32; after a sequence stops, ``pad_id``.
   lengths: (B,) how many tokens each sequence generated (a stop token counts).
-  state: the RWKVState after each prompt and its generated tokens.
+  state: the model's state (its family's pytree) after each prompt and its generated tokens.
   logits: (B, V) float32 next-token logits after the last consumed token.
   """
 
   tokens: np.ndarray
   lengths: np.ndarray
-  state: RWKVState
+  state: object
   logits: jax.Array
 
 
@@ -96,19 +95,6 @@ def as_key(key):
   return key
 
 
-def _check_state(model, state, batch: int) -> RWKVState:
-  if state is None:
-    return model.init_state(batch)
-  state = RWKVState(*state)
-  want = (model.cfg.n_layer, batch, model.cfg.n_embd)
-  for name, x in zip(RWKVState._fields, state):
-    if x.shape != want:
-      raise ValueError(
-          f"state.{name} has shape {x.shape}; this model and {batch} prompt(s) need {want} "
-          "(n_layer, batch, n_embd)")
-  return RWKVState(*(jnp.asarray(x, jnp.float32) for x in state))
-
-
 def _check_tokens_arg(ids, vocab_size: int, what: str) -> tuple[int, ...]:
   ids = tuple(int(t) for t in ids)
   bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -136,7 +122,7 @@ def _prefill(model, seqs, state, implementation, tokens_per_call, min_parallel, 
   tokens, lengths = pad_prompts(seqs)
   batch, t_pad = tokens.shape
   chunk = 1 << max(int(tokens_per_call) // batch, 1).bit_length() - 1
-  state = _check_state(model, state, batch)
+  state = check_state(model, state, batch)
   options = dict(implementation=implementation, chunk=min(chunk, t_pad),
                  min_parallel=min_parallel)
   if mesh is None:
@@ -144,24 +130,25 @@ def _prefill(model, seqs, state, implementation, tokens_per_call, min_parallel, 
     return graphdef, params, logits, state
   # Every process holds all prompts, so device_put places each process's shards.
   _check_mesh(mesh, batch)
-  p_sh, rows, st, _, _ = mesh_shardings(mesh, params)
+  p_sh, rows, st, _, _ = mesh_shardings(mesh, graphdef, params)
   params = jax.device_put(params, p_sh)
   tokens, lengths = jax.device_put((tokens, lengths), rows)
-  state = jax.device_put(RWKVState(*(np.asarray(x) for x in state)), st)
+  state = jax.device_put(jax.tree.map(np.asarray, state), st)
   logits, state = prefill_on_mesh(mesh, graphdef, params, tokens, lengths, state, **options)
   return graphdef, params, logits, state
 
 
-def prefill(model, prompts, state: RWKVState | None = None, *,
+def prefill(model, prompts, state=None, *,
             implementation: str | None = None,
             tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL,
             mesh=None):
   """Consumes prompts of any lengths in parallel mode.
 
   Args:
-    model: an ``RWKV``.
+    model: a model of any family (``rwkv_jax.models``).
     prompts: one prompt (a list of ids) or a batch (list of lists / (B, T) array).
-    state: the state to continue from, fields (L, B, C); None for an empty past.
+    state: the state to continue from (the model's ``init_state`` pytree, batch B);
+      None for an empty past.
     implementation: WKV path for the parallel pieces (None: the model's / platform's).
     tokens_per_call: at most about this many B * T tokens per parallel forward.
     min_parallel: a power of two; each prompt's last (length mod min_parallel) tokens go
@@ -197,7 +184,7 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
     raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
   vocab = model.cfg.vocab_size
   seqs, single = as_batch(prompts, vocab)
-  step_impl = resolve_decode_step(decode_step, model.cfg, len(seqs), on_mesh=mesh is not None)
+  step_impl = resolve_decode_step(decode_step, model, len(seqs), on_mesh=mesh is not None)
   stop_tokens = _check_tokens_arg(stop_tokens, vocab, "stop_tokens")
   graphdef, params, logits, state = _prefill(model, seqs, state, implementation,
                                              tokens_per_call, min_parallel, mesh)
@@ -205,7 +192,7 @@ def _setup(model, prompts, *, max_new_tokens, sampling, key, state, stop_tokens,
   counts = jnp.zeros((batch, vocab), jnp.int32) if sampling.uses_penalties else None
   carry = DecodeCarry(state, logits, jnp.zeros((batch,), bool), counts, jnp.int32(0))
   if mesh is not None:
-    _, _, _, carry_sh, _ = mesh_shardings(mesh, params, counts is not None)
+    _, _, _, carry_sh, _ = mesh_shardings(mesh, graphdef, params, counts is not None)
     carry = jax.device_put(
         carry._replace(done=np.zeros((batch,), bool), step=np.int32(0),
                        counts=None if counts is None else np.zeros((batch, vocab), np.int32)),
@@ -234,7 +221,7 @@ def _decode(s: _Setup, carry, max_new_tokens: int, steps: int):
 
 
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
-             key=None, state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
+             key=None, state=None, stop_tokens: Sequence[int] = (),
              pad_id: int = -1, implementation: str | None = None,
              tokens_per_call: int = PREFILL_TOKENS_PER_CALL,
              min_parallel: int = MIN_PARALLEL, mesh=None,
@@ -242,29 +229,30 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig | 
   """Generates ``max_new_tokens`` tokens after each prompt.
 
   Args:
-    model: an ``RWKV``.
+    model: a model of any family (``rwkv_jax.models``).
     prompts: one prompt (a list of token ids) or a batch of prompts of any lengths.
     max_new_tokens: decode steps (the scan always runs them all; use ``stream`` to stop
       early once every sequence is done).
     sampling: a ``SamplingConfig`` (default: temperature 1, no filtering).
     key: a JAX PRNG key or an int seed (default 0); the same key gives the same tokens.
-    state: continue from this state (fields (L, B, C)) instead of an empty one.
+    state: continue from this state (the model's state pytree) instead of an empty one.
     stop_tokens: ids that end their own sequence; the stop token is emitted and consumed
       into the state, later positions hold ``pad_id``.
     pad_id: what a finished sequence emits (-1 by default, never a real id).
     implementation: WKV path for the prefill (the decode always uses the recurrent step).
     tokens_per_call, min_parallel: prefill options, see ``prefill``.
     mesh: a ``jax.sharding.Mesh`` (``rwkv_jax.sharding.make_mesh``) to run on: the
-      parameters are placed as the rules table says, prompts, states (L, B, C) and logits
+      parameters are placed as the rules table says, prompts, states and logits
       are split over its batch axes (data, fsdp), and the prefill and decode programs are
       jitted with these explicit in/out shardings. The number of prompts must divide by
       data * fsdp. None: one device (the default device's programs, unchanged). Under
       ``jax.distributed`` every process calls ``generate`` with the same prompts and
       arguments (the mesh may span processes); each gets all tokens back, while ``state``
       and ``logits`` stay global arrays split over the mesh.
-    decode_step: "model" (the model's own one-token forward), "pallas" (the fused decode
-      kernels of pallas_kernels/rwkv4_decode, batch <= 8, one device) or None: "pallas"
-      on a GPU where it fits, else "model". Both compute the same function.
+    decode_step: one of ``model.decode_steps()``: "model" (the model's own one-token
+      forward) or a family's fused kernels (RWKV-4: "pallas", pallas_kernels/rwkv4_decode,
+      batch <= 8, one device); None: the family's default (RWKV-4: "pallas" on a GPU
+      where it fits, else "model"). All compute the same function.
   """
   s = _setup(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
              state=state, stop_tokens=stop_tokens, pad_id=pad_id,
@@ -285,7 +273,7 @@ class TokenStream:
 
   def __init__(self, model, prompts, *, max_new_tokens: int,
                sampling: SamplingConfig | None = None, key=None,
-               state: RWKVState | None = None, stop_tokens: Sequence[int] = (),
+               state=None, stop_tokens: Sequence[int] = (),
                pad_id: int = -1, chunk_size: int = 16, implementation: str | None = None,
                tokens_per_call: int = PREFILL_TOKENS_PER_CALL, min_parallel: int = MIN_PARALLEL,
                mesh=None, decode_step: str | None = None):
@@ -300,7 +288,7 @@ class TokenStream:
     self._started = False
     batch = self._setup.carry.done.shape[0]
     self.tokens: list[list[int]] = [[] for _ in range(batch)]
-    self.state: RWKVState | None = None
+    self.state=None
     self.logits: jax.Array | None = None
     self.finished = False
 

@@ -1,8 +1,12 @@
-"""Released RWKV-4 weights in and out: HF transformers directories and BlinkDL files.
+"""Released weights in and out: BlinkDL files (RWKV-4 and RWKV-7 x070), HF transformers
+directories (RWKV-4), rwkv-jax training directories (any family).
 
-  from_pretrained(path)         HF dir (config.json + model.safetensors / pytorch_model.bin,
-                                sharded or not) or a BlinkDL .pth / .safetensors -> RWKV
-  save_pretrained(model, path)  a directory -> HF dir; a *.pth / *.safetensors -> BlinkDL file
+  from_pretrained(path)         a training run dir, an HF dir (config.json +
+                                model.safetensors / pytorch_model.bin, sharded or not) or a
+                                BlinkDL .pth / .safetensors -> the family's model (the family
+                                is detected from config.json or the tensor names)
+  save_pretrained(model, path)  a directory -> HF dir (RWKV-4); a *.pth / *.safetensors ->
+                                BlinkDL file (any family)
 
 All parameters load as float32 whatever the file's dtype (float32/float16/bfloat16).
 PyTorch pickles are read only through ``safe_load`` (torch imported only then).
@@ -12,18 +16,22 @@ from __future__ import annotations
 
 import os
 
-from rwkv_jax.interop.blinkdl import load_blinkdl, save_blinkdl
-from rwkv_jax.interop.hf import is_hf_dir, load_hf, save_hf
+from rwkv_jax.interop.blinkdl import detect_family, load_blinkdl, save_blinkdl
 from rwkv_jax.interop.safe_load import UnsafeCheckpointError, load_tensors
-from rwkv_jax.model import RWKV
+from rwkv_jax.models.rwkv4.hf import is_hf_dir, load_hf, save_hf
 
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
 def detect_format(path: str | os.PathLike) -> str | None:
-  """"hf" for an HF directory, "blinkdl" for a tensor file, None for anything else."""
+  """"run" for an rwkv-jax training directory, "hf" for an HF directory, "blinkdl" for a
+  tensor file, None for anything else."""
+  from rwkv_jax.checkpoint import is_run_dir
+
   path = os.fspath(path)
   if os.path.isdir(path):
+    if is_run_dir(path):
+      return "run"
     return "hf" if is_hf_dir(path) else None
   if os.path.isfile(path) and path.endswith(_FILE_SUFFIXES):
     return "blinkdl"
@@ -31,17 +39,24 @@ def detect_format(path: str | os.PathLike) -> str | None:
 
 
 def from_pretrained(path: str | os.PathLike, *, hf_eval_rescale: bool = True,
-                    **config_overrides) -> RWKV:
-  """A released RWKV-4 checkpoint -> ``RWKV`` (its config is ``model.cfg``).
+                    **config_overrides):
+  """A checkpoint -> the family's model (``RWKV`` or ``RWKV7``; its config is ``model.cfg``).
 
   Args:
-    path: an HF ``RwkvForCausalLM`` directory or a BlinkDL ``.pth``/``.safetensors`` file.
+    path: an rwkv-jax training directory (its latest checkpoint), an HF
+      ``RwkvForCausalLM`` directory (RWKV-4) or a BlinkDL ``.pth``/``.safetensors`` file
+      (RWKV-4 or RWKV-7 x070, told apart by the tensor names).
     hf_eval_rescale: for HF directories, reproduce HF's eval-mode ``rescale_every``
-      numerics exactly (see ``rwkv_jax.interop.hf``); False gives the un-rescaled model.
-    config_overrides: non-shape RWKVConfig fields, e.g. ``dtype="bfloat16"``,
+      numerics exactly (see ``rwkv_jax.models.rwkv4.hf``); False gives the un-rescaled
+      model.
+    config_overrides: non-shape config fields, e.g. ``dtype="bfloat16"``,
       ``wkv_impl="scan"``, ``ctx_len=4096``.
   """
   fmt = detect_format(path)
+  if fmt == "run":
+    from rwkv_jax.checkpoint import load_model
+
+    return load_model(path, **config_overrides)[0]
   if fmt == "hf":
     return load_hf(path, hf_eval_rescale=hf_eval_rescale, **config_overrides)
   if fmt == "blinkdl":
@@ -52,20 +67,24 @@ def from_pretrained(path: str | os.PathLike, *, hf_eval_rescale: bool = True,
                    f"tensor file ({', '.join(_FILE_SUFFIXES)})")
 
 
-def save_pretrained(model: RWKV, path: str | os.PathLike, *, dtype: str = "float32",
+def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
                     rescale_every: int | None = None, overwrite: bool = False) -> str:
   """Writes ``model``: a ``*.pth``/``*.pt``/``*.safetensors`` path gets a BlinkDL state
-  dict, any other path an HF directory (config.json + model.safetensors). dtype: float32,
-  float16 or bfloat16. ``rescale_every`` (HF only, None = what the model encodes)."""
+  dict (any family), any other path an HF directory (config.json + model.safetensors;
+  RWKV-4 only: transformers has no RWKV-7). dtype: float32, float16 or bfloat16.
+  ``rescale_every`` (HF only, None = what the model encodes)."""
   target = os.fspath(path)
   if target.endswith((".pth", ".pt", ".safetensors")):
     if rescale_every is not None:
       raise ValueError("rescale_every is an HF config field; BlinkDL files have none")
     return save_blinkdl(model, target, dtype=dtype, overwrite=overwrite)
+  if model.cfg.family != "rwkv4":
+    raise ValueError(f"HF transformers directories hold RWKV-4 models only; save this "
+                     f"{model.cfg.family} model as a BlinkDL .pth or .safetensors file")
   return save_hf(model, target, dtype=dtype, rescale_every=rescale_every, overwrite=overwrite)
 
 
 __all__ = [
-    "UnsafeCheckpointError", "detect_format", "from_pretrained", "load_blinkdl", "load_hf",
+    "UnsafeCheckpointError", "detect_family", "detect_format", "from_pretrained", "load_blinkdl", "load_hf",
     "load_tensors", "save_blinkdl", "save_hf", "save_pretrained",
 ]

@@ -1,11 +1,9 @@
-"""BlinkDL RWKV-4 checkpoints: one ``.pth`` (or ``.safetensors``) state dict.
+"""BlinkDL checkpoints of any family: one ``.pth`` (or ``.safetensors``) state dict.
 
-Names as written by RWKV-LM's trainer: ``emb.weight``, ``blocks.0.ln0.*``,
-``blocks.N.{ln1,ln2}.*``, ``blocks.N.att.{time_decay,time_first,time_mix_k/v/r}``,
-``blocks.N.att.{key,value,receptance,output}.weight``, ``blocks.N.ffn.{time_mix_k/r,
-key,receptance,value}.weight``, ``ln_out.*``, ``head.weight``. The sizes come from the
-shapes. A state dict in HF naming (``rwkv.`` prefix, e.g. a lone ``pytorch_model.bin``)
-is read too.
+The family is detected from the tensor names (each family's ``weights.is_family``: RWKV-4's
+``blocks.N.att.time_decay``, RWKV-7's ``blocks.N.att.r_k``); the sizes come from the
+shapes (``weights.infer_config``). An RWKV-4 state dict in HF naming (``rwkv.`` prefix,
+e.g. a lone ``pytorch_model.bin``) is read too.
 """
 
 from __future__ import annotations
@@ -14,41 +12,33 @@ import os
 
 import numpy as np
 
-from rwkv_jax.interop import _build, _names, safe_load
-from rwkv_jax.model import RWKV
+from rwkv_jax.interop import _build, safe_load
+from rwkv_jax.models import FAMILIES, family_module
 
 # Keys ChatRWKV's convert_model.py adds after rewriting the tensors for inference
 # (time_decay replaced by -exp(time_decay), layers pre-divided): not the trained weights.
 _CONVERTED_MARKERS = ("_strategy", "_rescale_layer", "_version")
 
 
-def _naming(tensors: dict[str, np.ndarray]):
-  """BlinkDL name -> this file's name: identity, or HF's renaming."""
-  if any(k.startswith("rwkv.") for k in tensors):
-    return _names.blinkdl_to_hf
-  return lambda name: name
+def detect_family(tensors: dict[str, np.ndarray], source: str) -> str:
+  """The family whose names the tensors carry; ValueError naming what was found."""
+  found = [f for f in FAMILIES if family_module(f).weights.is_family(tensors)]
+  if len(found) != 1:
+    what = "no" if not found else f"several ({found})"
+    raise ValueError(f"{source}: {what} model family recognised from the tensor names "
+                     f"(found e.g. {sorted(tensors)[:8]}); rwkv-jax reads {sorted(FAMILIES)}")
+  return found[0]
 
 
-def infer_config(tensors: dict[str, np.ndarray], source: str, overrides: dict):
-  name_of = _naming(tensors)
-  emb, ffn_key = name_of("emb.weight"), name_of("blocks.0.ffn.key.weight")
-  absent = [n for n in (emb, ffn_key) if n not in tensors]
-  if absent:
-    raise ValueError(f"{source} is not an RWKV-4 checkpoint: missing {absent} "
-                     f"(found e.g. {sorted(tensors)[:8]})")
-  if tensors[emb].ndim != 2 or tensors[ffn_key].ndim != 2:
-    raise ValueError(f"{source}: {emb} {tensors[emb].shape} and {ffn_key} "
-                     f"{tensors[ffn_key].shape} must be matrices")
-  layers = _names.layer_ids(tensors)
-  vocab, n_embd = tensors[emb].shape
-  return _build.make_config(source, overrides, n_layer=max(layers) + 1, n_embd=int(n_embd),
-                            vocab_size=int(vocab), dim_ffn=int(tensors[ffn_key].shape[0]))
+def _naming(weights, tensors):
+  return weights.naming(tensors) if hasattr(weights, "naming") else (lambda name: name)
 
 
-def load_blinkdl(path: str | os.PathLike, **config_overrides) -> RWKV:
-  """A BlinkDL RWKV-4 ``.pth``/``.safetensors`` file -> RWKV (float32 parameters).
+def load_blinkdl(path: str | os.PathLike, **config_overrides):
+  """A BlinkDL ``.pth``/``.safetensors`` file (RWKV-4 or RWKV-7 x070) -> the family's
+  model (float32 parameters).
 
-  ``config_overrides``: non-shape RWKVConfig fields (dtype, wkv_impl, ctx_len, ...).
+  ``config_overrides``: non-shape config fields (dtype, wkv_impl, ctx_len, ...).
   """
   path = os.fspath(path)
   tensors = safe_load.load_tensors(path)
@@ -56,11 +46,12 @@ def load_blinkdl(path: str | os.PathLike, **config_overrides) -> RWKV:
   if markers:
     raise ValueError(f"{path} was rewritten by ChatRWKV's convert_model.py ({markers}); "
                      "load the original training checkpoint instead")
-  cfg = infer_config(tensors, path, config_overrides)
-  return _build.build_model(cfg, tensors, path, _naming(tensors))
+  weights = family_module(detect_family(tensors, path)).weights
+  cfg = weights.infer_config(tensors, path, config_overrides)
+  return _build.build_model(cfg, tensors, path, _naming(weights, tensors))
 
 
-def save_blinkdl(model: RWKV, path: str | os.PathLike, *, dtype: str = "float32",
+def save_blinkdl(model, path: str | os.PathLike, *, dtype: str = "float32",
                  overwrite: bool = False) -> str:
   """Writes the BlinkDL state dict: ``.pth`` via torch.save (needs torch), or
   ``.safetensors`` (no torch). dtype: float32, float16 or bfloat16."""

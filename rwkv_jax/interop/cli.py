@@ -1,4 +1,5 @@
-"""``rwkv-jax convert SRC DST``: between HF directories and BlinkDL .pth/.safetensors files."""
+"""``rwkv-jax convert SRC DST``: between rwkv-jax runs, HF directories and BlinkDL
+.pth/.safetensors files (RWKV-4 and RWKV-7)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import sys
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "convert", help="convert RWKV-4 weights between HF transformers and BlinkDL formats",
-      description="SRC: an HF RwkvForCausalLM directory or a BlinkDL .pth/.safetensors file. "
-                  "DST: a path ending in .pth/.pt/.safetensors gets a BlinkDL state dict, "
-                  "any other path an HF directory (config.json + model.safetensors).")
+      "convert", help="convert weights: rwkv-jax run dirs, HF transformers, BlinkDL files",
+      description="SRC: an rwkv-jax training directory (its latest checkpoint), an HF "
+                  "RwkvForCausalLM directory (RWKV-4) or a BlinkDL .pth/.safetensors file "
+                  "(RWKV-4 or RWKV-7 x070, detected from the tensor names). DST: a path "
+                  "ending in .pth/.pt/.safetensors gets a BlinkDL state dict, any other "
+                  "path an HF directory (config.json + model.safetensors; RWKV-4 only).")
   p.add_argument("src")
   p.add_argument("dst")
   p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -33,7 +36,5 @@ def run(args: argparse.Namespace) -> int:
   except (ValueError, ImportError, FileNotFoundError, FileExistsError) as e:
     print(f"rwkv-jax convert: error: {e}", file=sys.stderr)
     return 1
-  cfg = model.cfg
-  print(f"{args.src} -> {dst}: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
-        f"vocab_size={cfg.vocab_size} dim_ffn={cfg.dim_ffn} ({args.dtype})")
+  print(f"{args.src} -> {dst}: {model.cfg.describe_shape()} ({args.dtype})")
   return 0

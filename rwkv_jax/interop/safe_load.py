@@ -66,10 +66,14 @@ def _as_float32(name: str, array, path: str) -> np.ndarray:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
 
-  with safe_open(path, framework="numpy") as f:
-    return {k: _as_float32(k, f.get_tensor(k), path) for k in f.keys()}
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return {k: _as_float32(k, f.get_tensor(k), path) for k in f.keys()}
+  except SafetensorError as e:  # truncated or not a safetensors file at all
+    raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?): "
+                     f"{e}") from None
 
 
 def _one_pickle_globals(stream) -> list[str]:

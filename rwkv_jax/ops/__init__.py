@@ -21,7 +21,7 @@ IMPLEMENTATIONS = ("scan", "associative_scan", "pallas")
 
 def _wkv_pallas(w, u, k, v, state=None):
   from pallas_kernels.wkv4 import wkv4  # imported lazily: Pallas is only needed here
-  from rwkv_jax.sharding import per_shard_wkv
+  from rwkv_jax.ops._per_shard import per_shard_wkv
 
   # Under a mesh, per shard: XLA cannot partition the kernel's custom call.
   kernel = lambda *a: wkv4(*a, interpret=jax.default_backend() != "gpu")

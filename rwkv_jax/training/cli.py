@@ -74,14 +74,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--ctx-len", type=int, default=d.ctx_len,
                  help="tokens per training window (%(default)s)")
   g = p.add_argument_group("model")
-  g.add_argument("--preset", help="tiny, 169m, 430m, 1.5b, 3b, 7b, 14b (vocab from the data)")
+  g.add_argument("--family", choices=["rwkv4", "rwkv7"],
+                 help="model family (default: the preset's, else rwkv4)")
+  g.add_argument("--preset",
+                 help="RWKV-4: tiny, 169m, 430m, 1.5b, 3b, 7b, 14b; RWKV-7: rwkv7-tiny, "
+                      "rwkv7-0.1b, rwkv7-0.4b, rwkv7-1.5b, rwkv7-2.9b, rwkv7-7.2b (the "
+                      "vocabulary always comes from the data)")
   g.add_argument("--n-layer", type=int,
                  help=f"layers (default {DEFAULT_N_LAYER}, or the preset's)")
   g.add_argument("--n-embd", type=int, help=f"width (default {DEFAULT_N_EMBD}, or the preset's)")
   g.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
                  help="matmul compute dtype; weights stay float32 (%(default)s)")
-  g.add_argument("--wkv-impl", choices=["scan", "associative_scan", "pallas"],
-                 help="WKV path (default: by platform)")
+  g.add_argument("--wkv-impl", choices=["scan", "associative_scan", "chunked", "pallas"],
+                 help="WKV path (default: by platform); RWKV-4: scan, associative_scan, "
+                      "pallas; RWKV-7: scan, chunked, pallas")
   g.add_argument("--dropout", type=float, default=d.dropout,
                  help="residual dropout on each sub-block output while training (%(default)s)")
   g = p.add_argument_group("optimizer")
@@ -141,8 +147,8 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "train", help="train an RWKV-4 model (default: the built-in synthetic task)",
-      description="Train RWKV-4 with exact resume.", epilog=_EPILOG,
+      "train", help="train an RWKV-4 or RWKV-7 model (default: the built-in synthetic task)",
+      description="Train RWKV-4 or RWKV-7 with exact resume.", epilog=_EPILOG,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   add_arguments(p)
   p.set_defaults(func=run)

@@ -7,7 +7,8 @@ import dataclasses
 import math
 from typing import Any
 
-from rwkv_jax.config import WKV_IMPLEMENTATIONS, RWKVConfig, dataclass_from_dict
+from rwkv_jax.models import DEFAULT_FAMILY, FAMILIES, config_class, split_preset
+from rwkv_jax.models.base import dataclass_from_dict
 from rwkv_jax.training.optim import SCHEDULES
 
 # The default model when neither --preset nor --n-layer/--n-embd is given: small enough
@@ -44,6 +45,8 @@ class TrainConfig:
   steps: int = 400
   batch_size: int = 16
   ctx_len: int = 256
+  # Model family ("rwkv4", "rwkv7"); None: the preset's family, else RWKV-4.
+  family: str | None = None
   preset: str | None = None
   n_layer: int | None = None
   n_embd: int | None = None
@@ -132,10 +135,17 @@ class TrainConfig:
     need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
     need(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
          "must be float32, bfloat16 or float16")
-    need(self.wkv_impl in WKV_IMPLEMENTATIONS, "wkv_impl",
-         f"must be one of {WKV_IMPLEMENTATIONS[1:]}")
-    need(self.preset is None or self.preset.lower() in RWKVConfig.preset_names(), "preset",
-         f"must be one of {RWKVConfig.preset_names()}")
+    need(self.family is None or self.family in FAMILIES, "family",
+         f"must be one of {sorted(FAMILIES)}")
+    if self.preset is not None:
+      preset_family, size = split_preset(self.preset)
+      need(self.family is None or self.family == preset_family, "preset",
+           f"is a {preset_family} preset but --family is {self.family}")
+      names = config_class(preset_family).preset_names()
+      need(size in names, "preset", f"must be one of {names} for {preset_family}")
+    impls = config_class(self.model_family()).WKV_IMPLEMENTATIONS
+    need(self.wkv_impl in impls, "wkv_impl",
+         f"must be one of {impls[1:]} for {self.model_family()}")
     need(not self.resume or self.out is not None, "resume", "needs --out DIR")
     need(self.mesh is None or isinstance(self.mesh, str), "mesh",
          'must be a mesh spec such as "data=2,fsdp=2,tensor=2"')
@@ -154,20 +164,27 @@ class TrainConfig:
         raise ValueError(str(e)) from None
     return self
 
-  def model_config(self, vocab_size: int) -> RWKVConfig:
-    """The RWKVConfig of a fresh model: the preset (its vocabulary replaced by the data's)
-    or DEFAULT_N_LAYER x DEFAULT_N_EMBD, overridden by n_layer / n_embd."""
+  def model_family(self) -> str:
+    """The family of a fresh model: --family, else the preset's, else RWKV-4."""
+    if self.family is not None:
+      return self.family
+    return split_preset(self.preset)[0] if self.preset else DEFAULT_FAMILY
+
+  def model_config(self, vocab_size: int):
+    """The family config of a fresh model: the preset (its vocabulary replaced by the
+    data's) or DEFAULT_N_LAYER x DEFAULT_N_EMBD, overridden by n_layer / n_embd."""
     overrides = dict(vocab_size=vocab_size, ctx_len=self.ctx_len, dtype=self.dtype,
                      wkv_impl=self.wkv_impl, dropout=self.dropout)
     if self.n_layer is not None:
       overrides["n_layer"] = self.n_layer
     if self.n_embd is not None:
       overrides["n_embd"] = self.n_embd
+    cls = config_class(self.model_family())
     if self.preset is not None:
-      return RWKVConfig.preset(self.preset, **overrides)
+      return cls.preset(split_preset(self.preset)[1], **overrides)
     overrides.setdefault("n_layer", DEFAULT_N_LAYER)
     overrides.setdefault("n_embd", DEFAULT_N_EMBD)
-    return RWKVConfig(**overrides)
+    return cls(**overrides)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

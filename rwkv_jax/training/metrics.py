@@ -33,16 +33,10 @@ def peak_flops(device_kind: str, dtype: str, override_tflops: float | None = Non
   return None
 
 
-def matmul_params(cfg) -> int:
-  """N for the 6·N FLOPs-per-token rule: every parameter except the embedding table, whose
-  lookup is a gather, not a matmul (the head is counted). WKV and LayerNorm FLOPs are
-  O(D) per token and left out."""
-  return cfg.param_count() - cfg.vocab_size * cfg.n_embd
-
-
 def train_flops_per_token(cfg) -> float:
-  """6·N: forward 2·N, backward 4·N."""
-  return 6.0 * matmul_params(cfg)
+  """6·N: forward 2·N, backward 4·N, with N = ``cfg.matmul_params()`` (every parameter
+  but the embedding table, a gather). WKV and norm FLOPs are left out."""
+  return 6.0 * cfg.matmul_params()
 
 
 class MetricsLog:
@@ -114,8 +108,6 @@ def progress_bar_class():
     warnings.simplefilter("ignore", TqdmWarning)
     from tqdm.auto import tqdm
   return tqdm
-
-
 
 
 def read_metrics(out_dir) -> list[dict[str, Any]]:

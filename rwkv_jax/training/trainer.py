@@ -26,7 +26,7 @@ from flax import nnx
 from rwkv_jax import sharding
 from rwkv_jax.checkpoint import load_model, read_run_config, write_run_config
 from rwkv_jax.data.synthetic import SyntheticTask
-from rwkv_jax.model import RWKV
+from rwkv_jax.models import abstract_model, build_model
 from rwkv_jax.training import metrics as M
 from rwkv_jax.training.checkpointing import Checkpointer
 from rwkv_jax.training.config import TrainConfig
@@ -120,13 +120,14 @@ def _initial_model(cfg: TrainConfig, data_vocab: int | None, abstract: bool = Fa
   """A fresh model (only its shapes with ``abstract``: it is then built on the mesh), or
   the --init-from weights rebuilt under this run's dtype/ctx_len."""
   if cfg.init_from is None:
-    make = lambda: RWKV(cfg.model_config(data_vocab), rngs=nnx.Rngs(cfg.seed))
-    return nnx.eval_shape(make) if abstract else make()
-  if cfg.preset or cfg.n_layer or cfg.n_embd:
-    raise ValueError("--init-from fixes the model shape; drop --preset/--n-layer/--n-embd")
+    model_cfg = cfg.model_config(data_vocab)
+    return abstract_model(model_cfg) if abstract else build_model(model_cfg, cfg.seed)
+  if cfg.preset or cfg.n_layer or cfg.n_embd or cfg.family:
+    raise ValueError("--init-from fixes the model family and shape; drop "
+                     "--family/--preset/--n-layer/--n-embd")
   loaded, loaded_cfg = load_model(cfg.init_from)
   model_cfg = loaded_cfg.replace(ctx_len=cfg.ctx_len, dtype=cfg.dtype, wkv_impl=cfg.wkv_impl)
-  model = nnx.eval_shape(lambda: RWKV(model_cfg, rngs=nnx.Rngs(0)))
+  model = abstract_model(model_cfg)
   nnx.update(model, nnx.state(loaded, nnx.Param))
   return model
 
@@ -198,7 +199,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
             f"schedule is stretched from here on, so the run is not the same as either")
     model_cfg = model_cfg.replace(dtype=cfg.dtype, wkv_impl=cfg.wkv_impl)
     data = _build_data(cfg, model_cfg.vocab_size)
-    model = nnx.eval_shape(lambda: RWKV(model_cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(model_cfg)
   elif cfg.init_from is not None:
     model = _initial_model(cfg, None)
     data = _build_data(cfg, model.cfg.vocab_size)
@@ -209,7 +210,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
   tx, schedule = make_optimizer(
       lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
       final_lr_ratio=cfg.final_lr_ratio, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
-      eps=cfg.eps, clip=cfg.clip, grad_accum=cfg.grad_accum)
+      eps=cfg.eps, clip=cfg.clip, grad_accum=cfg.grad_accum, rules=model.optimizer_rules)
   if resuming:
     graphdef, abstract = nnx.split(model, nnx.Param)
     template = jax.eval_shape(lambda p: init_state_from_params(p, tx), abstract)
@@ -226,7 +227,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
     start = latest
   elif mesh is not None and cfg.init_from is None:
     # Fresh run on a mesh: parameters and optimizer state are created already sharded.
-    graphdef, state = init_state_on_mesh(lambda: RWKV(model_cfg, rngs=nnx.Rngs(cfg.seed)),
+    graphdef, state = init_state_on_mesh(lambda: build_model(model_cfg, cfg.seed),
                                          tx, cfg.seed, mesh)
     start = 0
   else:
@@ -280,7 +281,7 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
   flops_per_token = M.train_flops_per_token(model_cfg)
   peak = M.peak_flops(jax.devices()[0].device_kind, model_cfg.dtype, cfg.peak_tflops)
   if main:
-    print(f"rwkv-jax train: {model_cfg.n_layer} layers x {model_cfg.n_embd}, "
+    print(f"rwkv-jax train: {model_cfg.describe()}, "
           f"{model_cfg.param_count():,} parameters, {model_cfg.dtype}; {data.describe()}")
     print(f"  out: {out}  ({'resuming from step ' + str(start) if resuming else 'new run'})"
           + ("" if mesh is None else f"; mesh {sharding.mesh_description(mesh)}"))
@@ -356,11 +357,12 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
     log.write({"step": cfg.steps, **{f"eval_{k}": v for k, v in final.items()}})
   log.close()
   if main:
-    M.plot_loss_curve(out, title=f"rwkv-jax {model_cfg.n_layer}x{model_cfg.n_embd}")
+    M.plot_loss_curve(out, title=f"rwkv-jax {model_cfg.family} "
+                                 f"{model_cfg.n_layer}x{model_cfg.n_embd}")
   tps = statistics.median(rates) if rates else None
   summary = {
       "out": str(out), "steps": saved_step, "interrupted": interrupted,
-      "params": model_cfg.param_count(), "train_loss": last["loss"],
+      "family": model_cfg.family, "params": model_cfg.param_count(), "train_loss": last["loss"],
       "train_accuracy": last["accuracy"], "final_eval": final,
       "tokens_per_s": tps, "peak_flops": peak, "flops_per_token": flops_per_token,
       "mfu": (None if (peak is None or tps is None)

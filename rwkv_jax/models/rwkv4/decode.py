@@ -1,9 +1,9 @@
-"""The decode step behind ``generate``: the model's own T = 1 forward, or the fused kernels.
+"""RWKV-4's decode steps: the model's own T = 1 forward, or the fused kernels.
 
 ``DECODE_STEPS``: "model" (``RWKV.forward_with_state`` on one token: the reference, any
 batch, any device, any mesh) and "pallas" (pallas_kernels/rwkv4_decode: four kernels per
-layer, for batch <= 8; interpreted off-GPU). None picks "pallas" on a GPU when the fused
-step takes the batch and sizes, else "model".
+layer, for batch <= 8; interpreted off-GPU). By default ``generate`` picks "pallas" on a
+GPU when the fused step takes the batch and sizes, else "model".
 """
 
 from __future__ import annotations
@@ -11,25 +11,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rwkv_jax.state import RWKVState
+from rwkv_jax.models.rwkv4.state import RWKVState
 
 DECODE_STEPS = ("model", "pallas")
 
 
-def resolve_decode_step(step: str | None, cfg, batch: int, on_mesh: bool = False) -> str:
-  """The step to use; ValueError for an unknown name or a fused step that cannot run."""
+def default_step(cfg, batch: int) -> str:
+  """"pallas" on a GPU when the fused step takes the batch and sizes, else "model"."""
   from pallas_kernels import rwkv4_decode
 
-  if step is None:
-    fits = rwkv4_decode.supports(batch, cfg.n_embd, cfg.dim_ffn)
-    return "pallas" if jax.default_backend() == "gpu" and fits and not on_mesh else "model"
-  if step not in DECODE_STEPS:
-    raise ValueError(f"unknown decode step {step!r}; choose from {DECODE_STEPS} or None")
+  fits = rwkv4_decode.supports(batch, cfg.n_embd, cfg.dim_ffn)
+  return "pallas" if jax.default_backend() == "gpu" and fits else "model"
+
+
+def check_step(cfg, step: str, batch: int) -> None:
+  """ValueError when the fused step cannot take this batch or these sizes."""
   if step == "pallas":
-    if on_mesh:
-      raise ValueError("decode_step='pallas' runs on one device; use 'model' with a mesh")
+    from pallas_kernels import rwkv4_decode
+
     rwkv4_decode.DecodePlan.make(batch, cfg.n_embd, cfg.dim_ffn, cfg.layer_norm_eps)
-  return step
 
 
 def layer_weights(model, dtype) -> list:
@@ -76,13 +76,8 @@ def fused_forward(model, layers, tokens, state: RWKVState, **plan_options):
   return model.logits(x[:, None])[:, 0], state
 
 
-def step_function(model, step: str, **plan_options):
-  """``f(tokens (B,), state) -> (logits (B, V), state)`` for a resolved step name; the
-  fused step prepares its weights here, once, outside the decode loop."""
-  if step == "model":
-    def run(tokens, state):
-      logits, state = model.forward_with_state(tokens[:, None], state)
-      return logits[:, 0], state
-    return run
+def fused_step_function(model, **plan_options):
+  """``f(tokens (B,), state) -> (logits (B, V), state)`` through the fused kernels; the
+  weights are prepared here, once, outside the decode loop."""
   layers = layer_weights(model, model.cfg.dtype)
   return lambda tokens, state: fused_forward(model, layers, tokens, state, **plan_options)

@@ -1,4 +1,4 @@
-"""Parameter names and layouts: our NNX paths <-> BlinkDL ``.pth`` <-> HF transformers.
+"""RWKV-4 parameter names and layouts: our NNX paths <-> BlinkDL ``.pth`` <-> HF transformers.
 
 Our path (dotted)               BlinkDL name                  torch layout vs ours
   emb                             emb.weight                    same (V, C)
@@ -92,3 +92,36 @@ def layer_ids(names) -> list[int]:
   """The block indices ``blocks.<i>.`` present among BlinkDL/HF names."""
   ids = {int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", n))}
   return sorted(ids)
+
+
+def naming(tensors):
+  """BlinkDL name -> this file's name: identity, or HF's renaming (``rwkv.`` prefix)."""
+  if any(k.startswith("rwkv.") for k in tensors):
+    return blinkdl_to_hf
+  return lambda name: name
+
+
+def is_family(names) -> bool:
+  """RWKV-4 tensors (BlinkDL or HF naming): the time-mix decay ``att.time_decay``."""
+  return any(n.endswith(("att.time_decay", "attention.time_decay")) for n in names)
+
+
+def infer_config(tensors: dict[str, np.ndarray], source: str, overrides: dict):
+  """The RWKVConfig the tensors' shapes describe (plus non-shape ``overrides``)."""
+  from rwkv_jax.interop._build import make_config
+  from rwkv_jax.models.rwkv4.config import RWKVConfig
+
+  name_of = naming(tensors)
+  emb, ffn_key = name_of("emb.weight"), name_of("blocks.0.ffn.key.weight")
+  absent = [n for n in (emb, ffn_key) if n not in tensors]
+  if absent:
+    raise ValueError(f"{source} is not an RWKV-4 checkpoint: missing {absent} "
+                     f"(found e.g. {sorted(tensors)[:8]})")
+  if tensors[emb].ndim != 2 or tensors[ffn_key].ndim != 2:
+    raise ValueError(f"{source}: {emb} {tensors[emb].shape} and {ffn_key} "
+                     f"{tensors[ffn_key].shape} must be matrices")
+  layers = layer_ids(tensors)
+  vocab, n_embd = tensors[emb].shape
+  return make_config(RWKVConfig, source, overrides, n_layer=max(layers) + 1,
+                     n_embd=int(n_embd), vocab_size=int(vocab),
+                     dim_ffn=int(tensors[ffn_key].shape[0]))

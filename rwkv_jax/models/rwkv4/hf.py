@@ -21,8 +21,10 @@ import math
 import os
 import warnings
 
-from rwkv_jax.interop import _build, _names, safe_load
-from rwkv_jax.model import RWKV
+from rwkv_jax.interop import _build, safe_load
+from rwkv_jax.models.rwkv4 import weights as _names
+from rwkv_jax.models.rwkv4.config import RWKVConfig
+from rwkv_jax.models.rwkv4.model import RWKV
 
 HF_LN_OUT_EPS = 1e-5  # torch.nn.LayerNorm's default, which HF's RwkvModel.ln_out uses
 HF_DEFAULT_RESCALE = 6  # RwkvConfig.rescale_every when config.json leaves it out
@@ -46,15 +48,25 @@ def hf_layer_norm_eps(n_layer: int, eps: float, rescale_every: int) -> dict[str,
   return table
 
 
+def layer_norms(model: RWKV) -> dict[str, object]:
+  """Our LayerNorm modules by path: ln0, blocks.i.ln1, blocks.i.ln2, ln_out."""
+  norms = {"ln0": model.ln0}
+  for i, block in enumerate(model.blocks):
+    norms[f"blocks.{i}.ln1"] = block.ln1
+    norms[f"blocks.{i}.ln2"] = block.ln2
+  norms["ln_out"] = model.ln_out
+  return norms
+
+
 def set_layer_norm_eps(model: RWKV, table: dict[str, float]) -> None:
-  for name, norm in _build.layer_norms(model).items():
+  for name, norm in layer_norms(model).items():
     norm.eps = table[name]
 
 
 def infer_rescale_every(model: RWKV) -> int | None:
   """The HF rescale_every whose eval mode this model's LayerNorm epsilons match (0 for
   none), or None if no setting matches."""
-  current = {k: n.eps for k, n in _build.layer_norms(model).items()}
+  current = {k: n.eps for k, n in layer_norms(model).items()}
   for r in range(model.cfg.n_layer + 1):
     want = hf_layer_norm_eps(model.cfg.n_layer, current["ln0"], r)
     if all(math.isclose(current[k], want[k], rel_tol=1e-9) for k in want):
@@ -106,7 +118,7 @@ def load_hf(path: str | os.PathLike, *, hf_eval_rescale: bool = True,
                 dim_ffn=hf.get("intermediate_size") or 4 * hidden, layer_norm_eps=eps)
   if "context_length" in hf:
     fields["ctx_len"] = hf["context_length"]
-  cfg = _build.make_config(path, config_overrides, **fields)
+  cfg = _build.make_config(RWKVConfig, path, config_overrides, **fields)
   model = _build.build_model(cfg, tensors, path, _names.blinkdl_to_hf)
   rescale = hf.get("rescale_every", HF_DEFAULT_RESCALE) if hf_eval_rescale else 0
   set_layer_norm_eps(model, hf_layer_norm_eps(n_layer, eps, rescale))
