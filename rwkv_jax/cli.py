@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "rwkv_jax.training.cli",
     "rwkv_jax.inference.cli",
     "rwkv_jax.interop.cli",
+    "rwkv_jax.data.cli",
 ]
 
 
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         raise
       continue
     module.register(sub)
+  for command in sub.choices.values():  # one switch for every sub-command
+    command.add_argument(
+        "--no-compile-cache", dest="no_compile_cache", action="store_true",
+        help="do not use JAX's persistent compilation cache (default: on, in the rwkv-jax "
+             "cache directory, so a second run of the same shapes starts in seconds)")
   return parser
 
 
@@ -35,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
   if not getattr(args, "func", None):
     parser.print_help()
     return 2
+  from rwkv_jax import compile_cache
+
+  if compile_cache.wanted(args.no_compile_cache):
+    compile_cache.enable()
   return int(args.func(args) or 0)
 
 
