@@ -49,33 +49,70 @@ def init_state_on_mesh(make_model, tx, seed: int, mesh) -> tuple[nnx.GraphDef, T
   return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
+# Logit elements (tokens x vocabulary) computed at once by the chunked head: 2^25 float32
+# is 128 MiB (512 tokens at a 65,536 vocabulary), whatever the batch and context.
+HEAD_CHUNK_ELEMENTS = 1 << 25
+
+
+class TokenLosses(NamedTuple):
+  """Per position (B, T): cross entropy, logsumexp of the logits, top-1 hit (float)."""
+
+  ce: jax.Array
+  lse: jax.Array
+  correct: jax.Array
+
+
+def head_losses(model, x, targets, chunk_elements: int = HEAD_CHUNK_ELEMENTS) -> TokenLosses:
+  """The head, softmax cross entropy and argmax over x (B, T, C) in chunks of tokens, so the
+  (B, T, V) float32 logits never exist at once: each chunk's logits are made, reduced to
+  (ce, lse, hit) and dropped, and rebuilt in the backward pass (``jax.checkpoint``)."""
+  b, t, c = x.shape
+  n = b * t
+  vocab = model.cfg.vocab_size
+  size = min(n, max(1, chunk_elements // vocab))
+  pad = -n % size
+  xs = jnp.pad(x.reshape(n, c), ((0, pad), (0, 0))).reshape(-1, size, c)
+  ts = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, size)
+
+  @jax.checkpoint
+  def chunk(args):
+    xc, tc = args  # size C, size
+    logits = model.logits(xc[None])[0]  # size V float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return lse - target, lse, (jnp.argmax(logits, -1) == tc).astype(jnp.float32)
+
+  out = jax.lax.map(chunk, (xs, ts))
+  return TokenLosses(*(y.reshape(-1)[:n].reshape(b, t) for y in out))
+
+
 def token_losses(graphdef, params, batch, *, implementation=None, gather=None,
-                 dropout_key=None):
-  """Per-position cross entropy (B, T), logits (B, T, V) and mask (B, T).
+                 dropout_key=None) -> TokenLosses:
+  """``TokenLosses`` of a batch, each (B, T) (``head_losses``: no (B, T, V) logits).
 
   ``gather`` (``rwkv_jax.sharding.compute_gather``) pins the parameters to the layout
   they are computed in under a mesh (FSDP shards all-gathered per use). ``dropout_key``
   turns on the model's dropout (training steps only)."""
-  inputs, targets, mask = batch
+  inputs, targets, _ = batch
   model = nnx.merge(graphdef, params if gather is None else gather(params))
-  logits = model(inputs, implementation=implementation, dropout_key=dropout_key)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return ce, logits, mask
+  x, _ = model.hidden_with_state(inputs, None, implementation=implementation,
+                                 dropout_key=dropout_key)
+  return head_losses(model, x, targets)
 
 
 def loss_fn(params, graphdef, batch, z_loss: float, implementation=None, gather=None,
             dropout_key=None):
   """Masked mean cross entropy, plus z_loss * mean(logsumexp(logits)^2) (PaLM's auxiliary
   loss that keeps the softmax normaliser near 1) when z_loss > 0."""
-  ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation,
-                                  gather=gather, dropout_key=dropout_key)
+  losses = token_losses(graphdef, params, batch, implementation=implementation,
+                        gather=gather, dropout_key=dropout_key)
+  mask = batch[2]
   count = jnp.maximum(mask.sum(), 1.0)
-  loss = (ce * mask).sum() / count
+  loss = (losses.ce * mask).sum() / count
   total = loss
   if z_loss > 0:
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    total = total + z_loss * (jnp.square(lse) * mask).sum() / count
-  correct = ((logits.argmax(-1) == batch[1]) * mask).sum()
+    total = total + z_loss * (jnp.square(losses.lse) * mask).sum() / count
+  correct = (losses.correct * mask).sum()
   return total, (loss, correct / count)
 
 
@@ -103,10 +140,11 @@ def make_eval_step(graphdef, *, implementation=None, gather=None):
   batches of any padding combine exactly)."""
 
   def eval_step(params, batch):
-    ce, logits, mask = token_losses(graphdef, params, batch, implementation=implementation,
-                                    gather=gather)
-    correct = (logits.argmax(-1) == batch[1]) * mask
-    return {"loss_sum": (ce * mask).sum(), "correct": correct.sum(), "count": mask.sum()}
+    losses = token_losses(graphdef, params, batch, implementation=implementation,
+                          gather=gather)
+    mask = batch[2]
+    return {"loss_sum": (losses.ce * mask).sum(), "correct": (losses.correct * mask).sum(),
+            "count": mask.sum()}
 
   return eval_step
 
