@@ -19,7 +19,7 @@ from tests.conftest import rel_err
 # field: measured 4e-7 .. 9e-7 (scan and chunked alike) on perturbed tiny models.
 REF_TOL = 1e-5
 TOL = 1e-5  # float32 vs float32 (parallel vs token by token, split vs whole)
-GRAD_TOL = 1e-4  # chunked vs scan model gradients, per parameter, relative
+GRAD_TOL = 2e-5  # chunked vs scan model gradients, per parameter, relative (measured <= 2e-6)
 
 
 @nnx.jit(static_argnums=3)
@@ -35,7 +35,7 @@ def random_model(cfg, seed, scale=0.3):
 
 @pytest.fixture(scope="module")
 def model():
-  return random_model(RWKV7Config.preset("tiny", n_layer=3), seed=int(np.random.randint(1 << 20)))
+  return random_model(RWKV7Config.preset("tiny"), seed=int(np.random.randint(1 << 20)))
 
 
 def tokens(rng, b, t, vocab=64):
@@ -116,8 +116,8 @@ def test_state_layout_and_blinkdl_round_trip(model):
   cfg = model.cfg
   state = model.init_state(4)
   assert isinstance(state, RWKV7State)
-  assert state.att_x.shape == state.ffn_x.shape == (3, 4, 64)
-  assert state.wkv.shape == (3, 4, 4, 16, 16)
+  assert state.att_x.shape == state.ffn_x.shape == (2, 4, 64)
+  assert state.wkv.shape == (2, 4, 4, 16, 16)
   assert all(x.dtype == jnp.float32 for x in state)
   axes = model.state_axes()
   assert axes.wkv == ("layer", "batch", "head", "head_v", "head_k")
@@ -130,8 +130,8 @@ def test_state_layout_and_blinkdl_round_trip(model):
 
 def test_wrong_state_shape_is_a_clear_error(model):
   toks = jnp.array([[1, 2]])
-  bad = model.init_state(1)._replace(wkv=jnp.zeros((3, 1, 4, 16, 8)))
-  with pytest.raises(ValueError, match=r"state\.wkv has shape \(3, 1, 4, 16, 8\).*\(3, 1, 4, 16, 16\)"):
+  bad = model.init_state(1)._replace(wkv=jnp.zeros((2, 1, 4, 16, 8)))
+  with pytest.raises(ValueError, match=r"state\.wkv has shape \(2, 1, 4, 16, 8\).*\(2, 1, 4, 16, 16\)"):
     model.forward_with_state(toks, bad)
   with pytest.raises(ValueError, match="state.att_x"):
     model.forward_with_state(toks, model.init_state(2))  # batch 2 state, batch 1 tokens
@@ -227,10 +227,13 @@ def test_optimizer_rules(model):
   flat_lr = traverse_util.flatten_dict(nnx.to_pure_dict(lr))
   decayed = {".".join(map(str, p)) for p, v in flat_d.items() if v}
   assert decayed == {"emb", "head"} | {
-      f"blocks.{i}.{m}.kernel" for i in range(3)
+      f"blocks.{i}.{m}.kernel" for i in range(2)
       for m in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")}
   doubled = {".".join(map(str, p)) for p, v in flat_lr.items() if v == 2.0}
-  assert doubled == {f"blocks.{i}.att.w0" for i in range(3)}
+  assert doubled == {f"blocks.{i}.att.w0" for i in range(2)}
+  pure_decay, pure_lr = model.optimizer_rules(nnx.to_pure_dict(params))  # paths without .value
+  assert traverse_util.flatten_dict(pure_decay) == flat_d
+  assert traverse_util.flatten_dict(pure_lr) == flat_lr
 
 
 def test_gradients_finite_and_chunked_matches_scan(rng):
@@ -283,7 +286,7 @@ def test_torch_layout_round_trip_for_every_name(model):
   c = model.cfg.n_embd
   assert tensors["blocks.0.att.x_r"].shape == (1, 1, c)
   assert tensors["blocks.1.att.w0"].shape == (1, 1, c)
-  assert tensors["blocks.2.ffn.x_k"].shape == (1, 1, c)
+  assert tensors["blocks.1.ffn.x_k"].shape == (1, 1, c)
   assert tensors["blocks.0.att.receptance.weight"].shape == (c, c)
   assert tensors["blocks.0.ffn.key.weight"].shape == (model.cfg.dim_ffn, c)
   assert tensors["blocks.0.att.w1"].shape == (c, model.cfg.d_decay)
@@ -331,8 +334,8 @@ def test_infer_config_errors(model):
   no_emb = {k: v for k, v in tensors.items() if k != "emb.weight"}
   with pytest.raises(ValueError, match="m.pth: emb.weight is missing"):
     weights.infer_config(no_emb, "m.pth", {})
-  gap = {k: v for k, v in tensors.items() if not k.startswith("blocks.1.")}
-  with pytest.raises(ValueError, match=r"m.pth: blocks \[1\] are missing"):
+  gap = {k: v for k, v in tensors.items() if not k.startswith("blocks.0.")}
+  with pytest.raises(ValueError, match=r"m.pth: blocks \[0\] are missing"):
     weights.infer_config(gap, "m.pth", {})
   # a head-size-16 file's r_k does not fit a head-size-32 model
   assert weights.from_torch_layout("blocks.0.att.r_k", tensors["blocks.0.att.r_k"], (2, 32)) is None
