@@ -4,7 +4,11 @@
 
   * ``path`` is a text file or a folder (every non-hidden file below it, sorted); each file
     is one document and documents are joined with the tokenizer's end-of-document id
-    (``eot_id``; the byte tokenizer uses 0).
+    (``eot_id``; the byte tokenizer uses 0). A file ending in ``.jsonl`` holds one JSON
+    object per line, each a document: its ``jsonl_field`` (default ``"text"``) string.
+    Blank lines are skipped; a line that is not a JSON object or lacks the field is a
+    ValueError naming the file and line number. Its documents' bytes (for bits per byte)
+    are the texts' UTF-8 bytes. Blank documents (files or texts) are skipped.
   * Reading: the byte tokenizer (any tokenizer with ``encode_bytes``) takes each file's raw
     bytes, with no decoding, so every file round-trips exactly and bits per byte count the
     file's real bytes. Text tokenizers get the file decoded strictly with ``encoding``;
@@ -33,7 +37,8 @@
   * Training window b of step s starts at a position drawn from
     ``default_rng([seed, s])``: the batch is a pure function of (seed, step), so the
     data position of a checkpoint is its step. Validation uses fixed, evenly spaced,
-    non-overlapping windows of the validation part only.
+    non-overlapping windows of the validation part only. This sampling over a token array
+    is ``TokenWindows``, which ``rwkv_jax.data.binidx.BinidxData`` shares.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ MAX_IN_MEMORY_BYTES = 2 << 30  # data larger than this needs a writable cache di
 BINARY_SNIFF_BYTES = 8192  # a NUL among the first this many bytes: the file looks binary
 _FORMAT = "tokens-v2"  # part of the cache key: bump when the cache layout changes
 _SUFFIX = ".tokens"
+JSONL_SUFFIX = ".jsonl"  # files read as one JSON document per line
+DEFAULT_JSONL_FIELD = "text"
 
 
 def default_cache_dir() -> Path:
@@ -72,6 +79,11 @@ def resolve_cache_dir(cache_dir=None) -> Path:
 
 def _warn(message: str) -> None:
   print(f"rwkv-jax: warning: {message}", file=sys.stderr, flush=True)
+
+
+def source_files(path) -> list[Path]:
+  """``path`` itself if a file, else every non-hidden file below the folder, sorted."""
+  return _source_files(Path(path))
 
 
 def _source_files(path: Path) -> list[Path]:
@@ -120,21 +132,85 @@ def _encode_file(f: Path, raw: bytes, tokenizer, encoding: str) -> np.ndarray:
   return np.asarray(tokenizer.encode(text), np.int64)
 
 
-def _documents(path: Path, files: list[Path], tokenizer, encoding: str, dtype):
-  """Yields (n_bytes, ids as dtype) per non-blank file, EOT-separated: the EOT id is
+def _jsonl_texts(f: Path, field: str, consumed=None):
+  """Yields (line number, text) per non-blank line of a jsonl file; ``consumed(n)`` (if
+  given) is called with each line's size in bytes."""
+  with open(f, "rb") as stream:
+    for number, line in enumerate(stream, 1):
+      if consumed is not None:
+        consumed(len(line))
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}, line {number}: not valid JSON ({e})") from None
+      if not isinstance(obj, dict):
+        raise ValueError(f"{f}, line {number}: a JSON {type(obj).__name__}, not an object "
+                         f"with a {field!r} field")
+      if field not in obj:
+        keys = ", ".join(map(repr, list(obj)[:8])) or "none"
+        raise ValueError(f"{f}, line {number}: no {field!r} field (its keys: {keys}); "
+                         f"--jsonl-field names the text field")
+      text = obj[field]
+      if not isinstance(text, str):
+        raise ValueError(f"{f}, line {number}: the {field!r} field is a "
+                         f"{type(text).__name__}, not a string")
+      yield number, text
+
+
+def iter_documents(files, tokenizer, *, encoding: str = "utf-8",
+                   jsonl_field: str = DEFAULT_JSONL_FIELD, consumed=None):
+  """Yields (n_bytes, ids as int64) per non-blank document of ``files``, without
+  separators: a plain file is one document (read as ``_encode_file`` does), a ``.jsonl``
+  file one document per line. Ids outside the tokenizer's vocabulary are a ValueError.
+  ``consumed(n)`` (if given) is called with the source bytes read, for progress bars."""
+  for f in files:
+    f = Path(f)
+    if f.name.endswith(JSONL_SUFFIX):
+      docs = _jsonl_documents(f, jsonl_field, consumed)
+    else:
+      raw = f.read_bytes()
+      if consumed is not None:
+        consumed(len(raw))
+      docs = [(str(f), raw, None)]
+    for where, raw, text in docs:
+      if not raw.strip():
+        continue
+      if text is None:
+        ids = _encode_file(f, raw, tokenizer, encoding)
+      elif _reads_bytes(tokenizer):
+        ids = np.asarray(tokenizer.encode_bytes(raw), np.int64)
+      else:
+        ids = np.asarray(tokenizer.encode(text), np.int64)
+      if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+        raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size}) for "
+                         f"{where}")
+      yield len(raw), ids
+
+
+def _jsonl_documents(f: Path, field: str, consumed):
+  """(where, UTF-8 bytes, text) per non-blank jsonl line."""
+  for number, text in _jsonl_texts(f, field, consumed):
+    try:
+      raw = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+      raise ValueError(f"{f}, line {number}: the {field!r} text is not encodable as "
+                       f"UTF-8 ({e.reason} at character {e.start})") from None
+    yield f"{f}, line {number}", raw, text
+
+
+def _documents(path: Path, files: list[Path], tokenizer, encoding: str, dtype,
+               jsonl_field: str = DEFAULT_JSONL_FIELD):
+  """Yields (n_bytes, ids as dtype) per non-blank document, EOT-separated: the EOT id is
   prepended to every document but the first."""
   n_docs = 0
-  for f in files:
-    raw = f.read_bytes()
-    if not raw.strip():
-      continue
-    ids = _encode_file(f, raw, tokenizer, encoding)
-    if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-      raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size}) for {f}")
+  for size, ids in iter_documents(files, tokenizer, encoding=encoding,
+                                  jsonl_field=jsonl_field):
     if n_docs:
       ids = np.concatenate([[tokenizer.eot_id], ids])
     n_docs += 1
-    yield len(raw), ids.astype(dtype)
+    yield size, ids.astype(dtype)
   if n_docs == 0:
     raise ValueError(f"data at {path} is empty (no non-whitespace text)")
 
@@ -206,14 +282,16 @@ def _write_cache(tokens_path: Path, meta_path: Path, docs, meta: dict) -> dict:
 
 
 def build_token_cache(path, tokenizer, tokenizer_file=None, *, cache_dir=None,
-                      encoding: str = "utf-8") -> tuple[np.ndarray, dict]:
+                      encoding: str = "utf-8",
+                      jsonl_field: str = DEFAULT_JSONL_FIELD) -> tuple[np.ndarray, dict]:
   """Tokenizes ``path`` once and returns (memory-mapped token array, metadata).
 
   ``tokenizer_file`` (the tokenizer's vocabulary file, if any) is hashed into the cache
   key, so editing it invalidates the cache too. ``cache_dir`` defaults to
   ``default_cache_dir()``; ``encoding`` is how text tokenizers decode the files (the byte
-  tokenizer reads raw bytes). Where the cache directory cannot be written, the tokens are
-  returned in memory (a plain array; ``meta["cache"]`` is then None)."""
+  tokenizer reads raw bytes); ``jsonl_field`` is the text field of ``.jsonl`` files (part
+  of the fingerprint when there are any). Where the cache directory cannot be written, the
+  tokens are returned in memory (a plain array; ``meta["cache"]`` is then None)."""
   path = Path(path).expanduser().absolute()
   files = _source_files(path)
   if tokenizer.eot_id is None:
@@ -236,6 +314,8 @@ def build_token_cache(path, tokenizer, tokenizer_file=None, *, cache_dir=None,
     identity.append(str(f.resolve()))
   if not _reads_bytes(tokenizer) and codecs.lookup(encoding).name != "utf-8":
     fingerprint.append(f"encoding:{codecs.lookup(encoding).name}")
+  if any(f.name.endswith(JSONL_SUFFIX) for f in files):  # jsonl: one document per line
+    fingerprint.append(f"jsonl-field:{jsonl_field}")
   data_fingerprint = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()[:16]
   key = hashlib.sha256("\n".join(fingerprint + identity).encode()).hexdigest()[:16]
   root = resolve_cache_dir(cache_dir)
@@ -257,7 +337,8 @@ def build_token_cache(path, tokenizer, tokenizer_file=None, *, cache_dir=None,
           "vocab_size": int(tokenizer.vocab_size), "eot_id": int(tokenizer.eot_id)}
   try:
     meta = _write_cache(tokens_path, meta_path,
-                        _documents(path, files, tokenizer, encoding, dtype), meta)
+                        _documents(path, files, tokenizer, encoding, dtype, jsonl_field),
+                        meta)
   except _CacheUnwritable as e:
     if total > MAX_IN_MEMORY_BYTES:
       raise ValueError(
@@ -266,7 +347,7 @@ def build_token_cache(path, tokenizer, tokenizer_file=None, *, cache_dir=None,
           f"--cache-dir (or set {CACHE_ENV}) to a writable directory") from None
     _warn(f"cannot write the token cache in {e.folder} ({e.error.strerror or e.error}); "
           f"tokenizing in memory for this run (--cache-dir or {CACHE_ENV} sets the cache)")
-    docs = list(_documents(path, files, tokenizer, encoding, dtype))
+    docs = list(_documents(path, files, tokenizer, encoding, dtype, jsonl_field))
     tokens = np.concatenate([ids for _, ids in docs])
     meta.update(n_tokens=int(tokens.size), n_bytes=sum(n for n, _ in docs),
                 n_documents=len(docs))
@@ -281,32 +362,41 @@ def build_token_cache(path, tokenizer, tokenizer_file=None, *, cache_dir=None,
   return np.memmap(tokens_path, dtype=dtype, mode="r"), dict(meta, cache=str(tokens_path))
 
 
-class TextData:
-  """Train / validation windows of ``ctx_len + 1`` tokens over a cached token stream."""
+class TokenWindows:
+  """Train / validation windows of ``ctx_len + 1`` tokens over one token array.
 
-  def __init__(self, path, tokenizer, ctx_len: int, *, val_fraction: float = 0.05,
-               seed: int = 0, vocab_size: int | None = None, tokenizer_file=None,
-               cache_dir=None, encoding: str = "utf-8"):
-    self.tokens, self.meta = build_token_cache(path, tokenizer, tokenizer_file,
-                                               cache_dir=cache_dir, encoding=encoding)
+  The last ``val_fraction`` of ``tokens`` is validation, the rest training. Training window
+  b of step s starts at a position drawn from ``default_rng([seed, s])`` (a batch is a pure
+  function of (seed, step)); validation uses fixed, evenly spaced, non-overlapping windows
+  of the validation part. ``vocab_size`` None means the largest id + 1. Subclasses set
+  ``fingerprint`` and ``describe``; ``bytes_per_token`` (None when unknown) gives bits per
+  byte in ``summarize``."""
+
+  bytes_per_token: float | None = None
+
+  def __init__(self, tokens: np.ndarray, ctx_len: int, *, val_fraction: float, seed: int,
+               vocab_size: int | None, source):
+    self.tokens = tokens
     self.ctx_len, self.seed = int(ctx_len), int(seed)
-    self.vocab_size = int(vocab_size or tokenizer.vocab_size)
-    top = int(self.tokens.max())
-    if top >= self.vocab_size:
-      raise ValueError(f"data at {path} holds token id {top} >= the model's vocabulary "
-                       f"size {self.vocab_size}")
     n = self.tokens.size
+    if n and np.issubdtype(self.tokens.dtype, np.signedinteger):
+      low = int(self.tokens.min())
+      if low < 0:
+        raise ValueError(f"data at {source} holds a negative token id ({low})")
+    top = int(self.tokens.max()) if n else -1
+    self.vocab_size = int(vocab_size) if vocab_size else top + 1
+    if top >= self.vocab_size:
+      raise ValueError(f"data at {source} holds token id {top} >= the model's vocabulary "
+                       f"size {self.vocab_size}")
     n_val = int(n * val_fraction)
     need = self.ctx_len + 1
     if n - n_val < need or n_val < need:
       raise ValueError(
-          f"data at {path} has {n} tokens: too short for windows of ctx_len + 1 = {need} "
+          f"data at {source} has {n} tokens: too short for windows of ctx_len + 1 = {need} "
           f"tokens in both the training ({n - n_val}) and validation ({n_val}) parts; "
           f"use more data or a smaller --ctx-len")
     self.train_tokens = self.tokens[:n - n_val]
     self.val_tokens = self.tokens[n - n_val:]
-    self.bytes_per_token = self.meta["n_bytes"] / n
-    self.fingerprint = self.meta["fingerprint"]  # independent of the cache location
 
   def _windows(self, source: np.ndarray, starts: np.ndarray):
     idx = starts[:, None] + np.arange(self.ctx_len + 1)[None]
@@ -328,16 +418,34 @@ class TextData:
     for i in range(0, n, batch_size):
       yield self._windows(self.val_tokens, starts[i:i + batch_size])
 
+  def summarize(self, loss_sum: float, correct: float, count: float) -> dict[str, float]:
+    """Validation metrics from summed token losses (nats): loss, accuracy, bits per token,
+    and bits per byte (using the corpus's mean bytes per token) where bytes are known."""
+    loss = loss_sum / count
+    out = {"loss": loss, "accuracy": correct / count, "bits_per_token": loss / math.log(2)}
+    if self.bytes_per_token is not None:
+      out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
+    return out
+
+
+class TextData(TokenWindows):
+  """Train / validation windows of ``ctx_len + 1`` tokens over a cached token stream."""
+
+  def __init__(self, path, tokenizer, ctx_len: int, *, val_fraction: float = 0.05,
+               seed: int = 0, vocab_size: int | None = None, tokenizer_file=None,
+               cache_dir=None, encoding: str = "utf-8",
+               jsonl_field: str = DEFAULT_JSONL_FIELD):
+    tokens, self.meta = build_token_cache(path, tokenizer, tokenizer_file,
+                                          cache_dir=cache_dir, encoding=encoding,
+                                          jsonl_field=jsonl_field)
+    super().__init__(tokens, ctx_len, val_fraction=val_fraction, seed=seed,
+                     vocab_size=vocab_size or tokenizer.vocab_size, source=path)
+    self.bytes_per_token = self.meta["n_bytes"] / self.tokens.size
+    self.fingerprint = self.meta["fingerprint"]  # independent of the cache location
+
   def describe(self) -> str:
     m = self.meta
     return (f"{m['source']}: {m['n_documents']} documents, {m['n_tokens']:,} tokens "
             f"({m['n_bytes']:,} bytes), {self.train_tokens.size:,} train / "
             f"{self.val_tokens.size:,} validation; "
             + (f"token cache {m['cache']}" if m["cache"] else "tokenized in memory"))
-
-  def summarize(self, loss_sum: float, correct: float, count: float) -> dict[str, float]:
-    """Validation metrics from summed token losses (nats): loss, accuracy, bits per token,
-    bits per byte (using the corpus's mean bytes per token)."""
-    loss = loss_sum / count
-    return {"loss": loss, "accuracy": correct / count, "bits_per_token": loss / math.log(2),
-            "bits_per_byte": loss / math.log(2) / self.bytes_per_token}

@@ -57,12 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="peak TFLOP/s of one device for MFU (default: spec table; none on CPU)")
   g = p.add_argument_group("data")
   g.add_argument("--data", metavar="PATH",
-                 help="a text file or a folder of them (default: the synthetic task)")
+                 help="a text file, a .jsonl file (one document per line) or a folder of "
+                      "them, or a binidx dataset PREFIX (PREFIX.bin + PREFIX.idx; either "
+                      "file's path also works) (default: the synthetic task)")
   g.add_argument("--tokenizer", metavar="JSON",
                  help="a HF tokenizer.json (default: bytes, vocab 256)")
   g.add_argument("--encoding", default=d.encoding,
                  help="text encoding of the --data files for a --tokenizer, decoded "
                       "strictly (%(default)s); the byte tokenizer reads raw bytes")
+  g.add_argument("--jsonl-field", default=d.jsonl_field, metavar="NAME",
+                 help="the text field of each object of .jsonl data (%(default)s)")
   g.add_argument("--cache-dir", metavar="DIR",
                  help="where token caches go (default: $RWKV_JAX_CACHE, else "
                       "$XDG_CACHE_HOME/rwkv-jax, else ~/.cache/rwkv-jax); nothing is "
@@ -83,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--n-layer", type=int,
                  help=f"layers (default {DEFAULT_N_LAYER}, or the preset's)")
   g.add_argument("--n-embd", type=int, help=f"width (default {DEFAULT_N_EMBD}, or the preset's)")
+  g.add_argument("--vocab-size", type=int,
+                 help="vocabulary of a new model (default: the tokenizer's; binidx data "
+                      "without --tokenizer: its largest id + 1)")
   g.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
                  help="matmul compute dtype; weights stay float32 (%(default)s)")
   g.add_argument("--wkv-impl", choices=["scan", "associative_scan", "chunked", "pallas"],

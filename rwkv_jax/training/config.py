@@ -20,7 +20,7 @@ DEFAULT_N_EMBD = 64
 TRAJECTORY_FIELDS = (
     "batch_size", "ctx_len", "lr", "warmup", "schedule", "final_lr_ratio", "weight_decay",
     "b1", "b2", "eps", "clip", "grad_accum", "z_loss", "seed", "data", "tokenizer",
-    "val_fraction", "dropout", "encoding",
+    "val_fraction", "dropout", "encoding", "jsonl_field", "vocab_size",
 )
 
 
@@ -69,6 +69,12 @@ class TrainConfig:
   # How a text tokenizer (--tokenizer) decodes the data files (strictly); the byte
   # tokenizer reads raw bytes. A trajectory field: it changes the tokens.
   encoding: str = "utf-8"
+  # The text field of each object of .jsonl data (one document per line). A trajectory
+  # field: it changes the tokens.
+  jsonl_field: str = "text"
+  # The model's vocabulary size; None: the tokenizer's, else (binidx data without a
+  # tokenizer) the data's largest id + 1.
+  vocab_size: int | None = None
   # Token cache directory (None: rwkv_jax.data.text.default_cache_dir()). Not a
   # trajectory field: a run may resume with another cache directory.
   cache_dir: str | None = None
@@ -107,7 +113,7 @@ class TrainConfig:
     for name in ("warmup", "eval_every", "save_every", "seed"):
       need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name,
            "must be a non-negative integer")
-    for name in ("n_layer", "n_embd"):
+    for name in ("n_layer", "n_embd", "vocab_size"):
       v = getattr(self, name)
       need(v is None or (is_int(v) and v >= 1), name, "must be a positive integer")
     need(self.warmup <= self.steps, "warmup", f"must be <= steps ({self.steps})")
@@ -153,8 +159,12 @@ class TrainConfig:
          "must be a Python codec name such as utf-8 or latin-1")
     need(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir",
          "must be a directory path")
+    need(isinstance(self.jsonl_field, str) and self.jsonl_field != "", "jsonl_field",
+         "must be a field name")
     if self.data is None and self.tokenizer is not None:
       raise ValueError("--tokenizer needs --data (the synthetic task has its own vocabulary)")
+    if self.data is None and self.vocab_size is not None:
+      raise ValueError("--vocab-size needs --data (the synthetic task has its own vocabulary)")
     if self.tensorboard:  # checked here, before the run makes its folder
       from rwkv_jax.training.metrics import tensorboard_writer_class
 

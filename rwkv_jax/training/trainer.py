@@ -106,14 +106,25 @@ def _build_data(cfg: TrainConfig, vocab_size: int | None):
       raise ValueError(f"the synthetic task has token ids up to 63, beyond the model's "
                        f"vocabulary size {vocab_size}")
     return data
+  from rwkv_jax.data.binidx import BinidxData, find_binidx
   from rwkv_jax.data.text import TextData
   from rwkv_jax.tokenizers import load_tokenizer
 
+  if vocab_size is not None and cfg.vocab_size is not None and vocab_size != cfg.vocab_size:
+    raise ValueError(f"--vocab-size {cfg.vocab_size} differs from the model's vocabulary "
+                     f"size {vocab_size}")
+  vocab_size = vocab_size or cfg.vocab_size
+  if find_binidx(cfg.data) is not None:  # pre-tokenized: the tokenizer only sizes the vocab
+    if vocab_size is None and cfg.tokenizer is not None:
+      vocab_size = load_tokenizer(cfg.tokenizer).vocab_size
+    return BinidxData(cfg.data, cfg.ctx_len, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                      vocab_size=vocab_size)
   tok = load_tokenizer(cfg.tokenizer)
   tok_file = None if cfg.tokenizer in (None, "bytes") else cfg.tokenizer
   return TextData(cfg.data, tok, cfg.ctx_len, val_fraction=cfg.val_fraction, seed=cfg.seed,
                   vocab_size=vocab_size or tok.vocab_size, tokenizer_file=tok_file,
-                  cache_dir=cfg.cache_dir, encoding=cfg.encoding)
+                  cache_dir=cfg.cache_dir, encoding=cfg.encoding,
+                  jsonl_field=cfg.jsonl_field)
 
 
 def _initial_model(cfg: TrainConfig, data_vocab: int | None, abstract: bool = False):
