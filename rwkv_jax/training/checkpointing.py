@@ -43,6 +43,18 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def checkpoint_steps(out_dir: str | os.PathLike) -> list[int]:
+  """The steps saved under ``out_dir/checkpoints`` ([] if it has none or does not exist);
+  creates nothing."""
+  if not (Path(out_dir) / CHECKPOINT_DIR).is_dir():
+    return []
+  ckpt = Checkpointer(out_dir, create=False)
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()
+
+
 class Checkpointer:
   """Saves and restores ``TrainState`` items under ``out_dir/checkpoints``."""
 

@@ -15,9 +15,12 @@ model), checkpoints/<step>/ (orbax: params, optimizer, step, rng, data position)
 metrics.jsonl (one line per step: loss, lr, grad_norm, tokens_per_s, mfu; eval lines with
 eval_* keys), loss_curve.png, summary.json.
 
-Resume: `rwkv-jax train --out DIR --resume [same flags]` continues from the latest
-checkpoint and ends bitwise equal to an uninterrupted run. SIGINT/SIGTERM save a
-checkpoint before exiting.
+Resume: `rwkv-jax train --resume --out DIR` continues from the latest checkpoint and ends
+bitwise equal to an uninterrupted run. Flags not given are the run's (DIR/config.json);
+flags given that change the trajectory (data, batch size, lr schedule, seed, model, ...)
+must equal the saved ones, others (--steps, --mesh, --max-minutes, --eval-every, ...)
+apply from here on. DIR must hold a checkpoint. SIGINT/SIGTERM save a checkpoint before
+exiting.
 """
 
 
@@ -29,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--out", help="output directory (default runs/train-<date>-<time>)")
   g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (%(default)s)")
   g.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in --out")
+                 help="continue from the latest checkpoint in --out; flags not given "
+                      "are the run's (see below)")
   g.add_argument("--init-from", metavar="PATH",
                  help="start from weights: an rwkv-jax run dir, an HF dir or a .pth file")
   g.add_argument("--seed", type=int, default=d.seed,
@@ -116,13 +120,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="micro-batches per optimizer step (optax.MultiSteps) (%(default)s)")
   g.add_argument("--z-loss", type=float, default=d.z_loss,
                  help="weight of the auxiliary logsumexp^2 loss, e.g. 1e-4 (%(default)s)")
+  _only_given(p)
+
+
+def _only_given(p: argparse.ArgumentParser) -> None:
+  """Parsed arguments hold only the flags given: each TrainConfig flag's default (the
+  dataclass's) moves into its help text and the parser default becomes SUPPRESS, so that
+  ``--resume`` can tell a flag given from one left at its default."""
+  from rwkv_jax.training.config import TrainConfig
+
+  for action in p._actions:
+    if action.dest in TrainConfig.__dataclass_fields__ and action.default is not \
+        argparse.SUPPRESS:
+      if action.help:
+        action.help = action.help.replace("%(default)s",
+                                          str(action.default).replace("%", "%%"))
+      action.default = argparse.SUPPRESS
 
 
 def config_from_args(args):
+  """The TrainConfig of the parsed flags (only those given are in ``args``, see
+  ``_only_given``): TrainConfig's defaults for the rest, or with ``--resume`` the saved
+  run's values (``TrainConfig.for_resume``). ``--resume`` needs DIR to hold a checkpoint:
+  FileNotFoundError naming DIR otherwise (a mistyped --out must not start a new run)."""
   from rwkv_jax.training.config import TrainConfig
 
   fields = TrainConfig.__dataclass_fields__
-  return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  given = {k: v for k, v in vars(args).items() if k in fields}
+  if not given.get("resume") or given.get("out") is None:
+    return TrainConfig(**given)  # (--resume without --out: validate() says so)
+  from pathlib import Path
+
+  from rwkv_jax.checkpoint import read_run_config
+  from rwkv_jax.training.checkpointing import CHECKPOINT_DIR, checkpoint_steps
+
+  out = Path(given["out"])
+  if not checkpoint_steps(out):
+    where = ("does not exist" if not out.exists() else
+             f"holds no checkpoints (nothing saved in {out / CHECKPOINT_DIR})")
+    raise FileNotFoundError(f"cannot --resume {out}: it {where}; check --out, or leave "
+                            f"out --resume to start a new run")
+  model_cfg, saved = read_run_config(out)
+  if saved is None:
+    return TrainConfig(**given)
+  return TrainConfig.for_resume(saved, given, model_family=model_cfg.family)
 
 
 def run(args) -> int:
@@ -130,7 +171,8 @@ def run(args) -> int:
   from rwkv_jax.training.trainer import TrainingDiverged, run_training
 
   try:
-    summary = run_training(config_from_args(args))
+    cfg = config_from_args(args)
+    summary = run_training(cfg)
   except (ValueError, FileNotFoundError, FileExistsError, CheckpointError,
           TrainingDiverged) as e:
     print(f"rwkv-jax train: error: {e}", file=sys.stderr)
@@ -141,7 +183,7 @@ def run(args) -> int:
     return 130 if summary["interrupted"] == "SIGINT" else 143
   final = summary["final_eval"]
   parts = [f"{k} {v:.4f}" for k, v in final.items()]
-  if "accuracy" in final and args.data is None:
+  if "accuracy" in final and cfg.data is None:
     parts.append("chance 1/64 = 0.0156")
   print(f"final held-out: {', '.join(parts)}")
   tps = summary["tokens_per_s"]

@@ -23,6 +23,10 @@ TRAJECTORY_FIELDS = (
     "val_fraction", "dropout", "encoding", "jsonl_field", "vocab_size",
 )
 
+# Fields of one invocation that a resumed run does not take from the saved config (the
+# wall-time budget too: the run it stopped is continued, not budgeted again).
+_NOT_RESUMED = ("out", "resume", "progress", "max_minutes")
+
 
 def _known_encoding(name: str) -> bool:
   """A codec that decodes bytes to str (not, e.g., rot13 or base64)."""
@@ -96,8 +100,10 @@ class TrainConfig:
   # and stops as if interrupted (--resume continues it). Not a trajectory field.
   max_minutes: float | None = None
 
-  def validate(self) -> "TrainConfig":
-    """Raises ValueError naming the first invalid field."""
+  def validate(self, family: str | None = None) -> "TrainConfig":
+    """Raises ValueError naming the first invalid field. ``family``: the family of the
+    model when this config does not choose it (a resumed run's saved model); default
+    ``model_family()``."""
     def need(ok: bool, name: str, what: str):
       if not ok:
         raise ValueError(f"invalid {name}={getattr(self, name)!r}: {what}")
@@ -149,9 +155,9 @@ class TrainConfig:
            f"is a {preset_family} preset but --family is {self.family}")
       names = config_class(preset_family).preset_names()
       need(size in names, "preset", f"must be one of {names} for {preset_family}")
-    impls = config_class(self.model_family()).WKV_IMPLEMENTATIONS
-    need(self.wkv_impl in impls, "wkv_impl",
-         f"must be one of {impls[1:]} for {self.model_family()}")
+    family = family or self.model_family()
+    impls = config_class(family).WKV_IMPLEMENTATIONS
+    need(self.wkv_impl in impls, "wkv_impl", f"must be one of {impls[1:]} for {family}")
     need(not self.resume or self.out is not None, "resume", "needs --out DIR")
     need(self.mesh is None or isinstance(self.mesh, str), "mesh",
          'must be a mesh spec such as "data=2,fsdp=2,tensor=2"')
@@ -202,6 +208,27 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
     return dataclass_from_dict(cls, data)
+
+  @classmethod
+  def for_resume(cls, saved: "TrainConfig", given: dict[str, Any],
+                 model_family: str | None = None) -> "TrainConfig":
+    """The config of ``--resume``: the saved run's config (``saved``, from its
+    config.json) with the fields the user gave (``given``: field -> value, only those
+    given) on top. Given trajectory fields that differ from the saved ones are kept, so
+    that the trainer's check names them; other given fields (steps, mesh, max_minutes,
+    eval_every, cache_dir, ...) override. ``out``, ``resume``, ``progress`` and
+    ``max_minutes`` belong to this invocation and are never taken from ``saved``.
+    ``model_family``: the family of the saved model (config.json "model"), recorded when
+    ``saved`` names none (a run started --init-from another family's weights)."""
+    unknown = sorted(set(given) - set(cls.__dataclass_fields__))
+    if unknown:
+      raise ValueError(f"unknown TrainConfig fields {unknown}")
+    fields = {k: v for k, v in dataclasses.asdict(saved).items() if k not in _NOT_RESUMED}
+    fields.update(given)
+    cfg = cls(**fields)
+    if "family" not in given and model_family is not None:
+      cfg.family = model_family
+    return cfg
 
   def incompatibilities(self, saved: "TrainConfig") -> list[str]:
     """The trajectory fields where self differs from a saved run's config."""

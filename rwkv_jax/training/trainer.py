@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax import sharding
-from rwkv_jax.checkpoint import load_model, read_run_config, write_run_config
+from rwkv_jax.checkpoint import is_run_dir, load_model, read_run_config, write_run_config
 from rwkv_jax.data.synthetic import SyntheticTask
 from rwkv_jax.models import abstract_model, build_model
 from rwkv_jax.training import metrics as M
-from rwkv_jax.training.checkpointing import Checkpointer
+from rwkv_jax.training.checkpointing import CHECKPOINT_DIR, Checkpointer, checkpoint_steps
 from rwkv_jax.training.config import TrainConfig
 from rwkv_jax.training.optim import make_optimizer
 from rwkv_jax.training.step import (TrainState, compile_eval_step, compile_train_step,
@@ -69,10 +70,14 @@ class SyntheticData:
 
 class _StopOnSignal:
   """SIGINT / SIGTERM set a flag; the loop saves a checkpoint and stops after the current
-  step. A second signal restores the default handler and interrupts at once."""
+  step. The first signal is acknowledged at once through ``say``; a second one restores
+  the default handler and interrupts at once. ``first_step``: the loop is still on its
+  first step (compiling it)."""
 
-  def __init__(self):
+  def __init__(self, say=None):
     self.signum = None
+    self.say = say or (lambda message: None)
+    self.first_step = False
     self._old = {}
 
   def _handle(self, signum, frame):
@@ -80,6 +85,9 @@ class _StopOnSignal:
       self.__exit__()
       raise KeyboardInterrupt
     self.signum = signum
+    step = "the step being compiled and run" if self.first_step else "the current step"
+    self.say(f"{signal.Signals(signum).name} received: stopping after {step}, then saving "
+             f"a checkpoint (again: stop at once, without saving)")
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,6 +151,41 @@ def _initial_model(cfg: TrainConfig, data_vocab: int | None, abstract: bool = Fa
   return model
 
 
+def _compile_interruptibly(jitted, *args) -> None:
+  """Compiles ``jitted`` for ``args`` (the jit's cache then holds the executable) in a
+  worker thread while this thread waits. Python runs signal handlers only in the main
+  thread and between bytecodes, so during a compile of many seconds in this thread a
+  Ctrl-C would be acknowledged only when it ends. The trace stays in this thread (under
+  its JAX contexts); only XLA's compile moves."""
+  lowered = jitted.lower(*args)
+  if threading.current_thread() is not threading.main_thread():
+    return  # no signal handlers here: the first call compiles it
+  errors = []
+
+  def work():
+    try:
+      lowered.compile()
+    except BaseException as e:  # re-raised in the caller's thread
+      errors.append(e)
+
+  worker = threading.Thread(target=work, name="rwkv-jax-compile", daemon=True)
+  worker.start()
+  worker.join()  # interruptible: a signal handler runs while this thread waits
+  if errors:
+    raise errors[0]
+
+
+def _restart_clock(bar, n: int) -> None:
+  """Sets the bar to ``n`` steps done, timed from now (in place of ``update`` for the
+  first step): its rate and ETA leave out the compile, which otherwise gives an ETA of
+  hours until the average catches up."""
+  if bar.disable:
+    return
+  bar.initial = bar.n = bar.last_print_n = n
+  bar.start_t = bar.last_print_t = time.time()  # tqdm's clock
+  bar.refresh()
+
+
 def _evaluate(eval_step, params, data, cfg: TrainConfig, mesh=None) -> dict[str, float]:
   sums = np.zeros(3)
   for batch in data.eval_batches(cfg.batch_size, cfg.eval_size):
@@ -163,10 +206,62 @@ def _mesh(cfg: TrainConfig):
   return mesh
 
 
-def _prepare_out(cfg: TrainConfig) -> Path:
+# What a run writes in OUT before its first step; a failed start removes those it created.
+_SETUP_FILES = ("config.json", "metrics.jsonl")
+_SETUP_DIRS = (CHECKPOINT_DIR, "tensorboard")
+
+
+def _prepare_out(cfg: TrainConfig) -> tuple[Path, list[Path]]:
+  """Creates OUT; returns it and what of the run's files and folders did not exist
+  before (deepest first), for ``_remove_failed_start``."""
   out = Path(cfg.out or time.strftime("runs/train-%Y%m%d-%H%M%S"))
+  new = [p for p in (out / n for n in _SETUP_FILES + _SETUP_DIRS) if not p.exists()]
+  new += [p for p in (out, *out.parents) if not p.exists()]
   out.mkdir(parents=True, exist_ok=True)
-  return out
+  return out, new
+
+
+def _remove_failed_start(out: Path, new: list[Path]) -> None:
+  """After a run failed before its first step (missing data, a bad mesh, an error or a
+  second Ctrl-C while compiling): removes what it created, so no empty run folder is
+  left behind. Anything that existed before, any checkpoint and any metrics line stay
+  (then nothing is removed); folders are only removed when empty."""
+  metrics = out / "metrics.jsonl"
+  try:
+    if checkpoint_steps(out) or (metrics.is_file() and metrics.stat().st_size):
+      return
+  except Exception:  # cannot tell: leave everything as it is
+    return
+  for path in new:
+    try:
+      if path.name == "tensorboard" and path.parent == out:
+        import shutil
+
+        shutil.rmtree(path)  # only this run's (empty) event file
+      elif path.is_dir():
+        path.rmdir()  # only if empty: a folder with anything in it stays
+      elif path.exists():
+        path.unlink()
+    except OSError:
+      pass
+
+
+def _saved_model_family(cfg: TrainConfig) -> str | None:
+  """The model family of the run that ``cfg`` resumes (OUT/config.json), else None."""
+  if not (cfg.resume and cfg.out is not None and is_run_dir(cfg.out)
+          and checkpoint_steps(cfg.out)):
+    return None
+  return read_run_config(cfg.out)[0].family
+
+
+def _model_differences(cfg: TrainConfig, model_cfg, saved: TrainConfig | None) -> list[str]:
+  """The model flags of a resume that contradict the run's saved model."""
+  diffs = [f"{name}: saved {getattr(model_cfg, name)!r}, now {getattr(cfg, name)!r}"
+           for name in ("family", "n_layer", "n_embd")
+           if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(model_cfg, name)]
+  if cfg.preset is not None and saved is not None and cfg.preset != saved.preset:
+    diffs.append(f"preset: saved {saved.preset!r}, now {cfg.preset!r}")
+  return diffs
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
@@ -178,14 +273,23 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
   sharding.maybe_initialize_distributed()  # before anything touches a device
   cfg = dataclasses.replace(cfg, data=_absolute(cfg.data), init_from=_absolute(cfg.init_from),
                             tokenizer=cfg.tokenizer if cfg.tokenizer in (None, "bytes")
-                            else _absolute(cfg.tokenizer)).validate()
-  out = _prepare_out(cfg)
+                            else _absolute(cfg.tokenizer))
+  # A resumed model keeps its family, whatever --family/--preset say (checked in _run).
+  cfg.validate(family=_saved_model_family(cfg))
+  out, new = _prepare_out(cfg)
   cfg.out = str(out)
-  ckpt = Checkpointer(out, cfg.max_to_keep)
+  finished = False
   try:
-    return _run(cfg, out, ckpt)
+    ckpt = Checkpointer(out, cfg.max_to_keep)
+    try:
+      summary = _run(cfg, out, ckpt)
+      finished = True
+      return summary
+    finally:
+      ckpt.close()
   finally:
-    ckpt.close()
+    if not finished:  # removes nothing once a step is logged or saved
+      _remove_failed_start(out, new)
 
 
 def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
@@ -198,7 +302,8 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
   mesh = _mesh(cfg)
   if resuming:
     model_cfg, saved = read_run_config(out)
-    diffs = [] if saved is None else cfg.incompatibilities(saved)
+    diffs = ([] if saved is None else cfg.incompatibilities(saved)) + \
+        _model_differences(cfg, model_cfg, saved)
     if diffs:
       raise ValueError(f"cannot resume {out}: the config differs from the saved run in "
                        + "; ".join(diffs))
@@ -308,13 +413,18 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
              dynamic_ncols=True)
   say = bar.write if main else (lambda message: None)
   deadline = None if cfg.max_minutes is None else wall0 + 60 * cfg.max_minutes
-  with _StopOnSignal() as stop:
+  bar.set_postfix_str("compiling the train step…")  # the first step; then loss and acc
+  with _StopOnSignal(say) as stop:
+    stop.first_step = True
     for step in range(start + 1, cfg.steps + 1):
       t0 = time.perf_counter()
       micro = []
       for i in range(cfg.grad_accum):
         position = (step - 1) * cfg.grad_accum + i
-        state, m = train_step(state, place_batch(data.batch(position, cfg.batch_size), mesh))
+        batch = place_batch(data.batch(position, cfg.batch_size), mesh)
+        if stop.first_step and i == 0:
+          _compile_interruptibly(train_step, state, batch)
+        state, m = train_step(state, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         micro.append(m)
         if not (math.isfinite(m["total_loss"]) and math.isfinite(m["grad_norm"])):
@@ -344,7 +454,11 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
       log.write(record)
       bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
                       refresh=False)
-      bar.update(1)
+      if first:
+        _restart_clock(bar, step)
+        stop.first_step = False
+      else:
+        bar.update(1)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         eval_metrics = _evaluate(eval_step, state.params, data, cfg, mesh)
         log.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
