@@ -43,6 +43,39 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+class IntTokenizer:
+  """Token ids written as decimal integers separated by white space, ids 0..vocab_size-1
+  (default 64): the "tokenizer" of the built-in synthetic task, whose tokens are not text.
+  ``encode("3 5 7") == [3, 5, 7]``, ``decode([3, 5, 7]) == "3 5 7"``."""
+
+  eot_id = None
+
+  def __init__(self, vocab_size: int = 64):
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+      raise ValueError(f"ids tokenizer: vocab_size must be a positive integer, got "
+                       f"{vocab_size!r}")
+    self.vocab_size = vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for word in text.split():
+      try:
+        i = int(word)
+      except ValueError:
+        raise ValueError(f"ids tokenizer: {word!r} is not a token id (write ids as "
+                         f"integers separated by spaces, e.g. '1 2 3')") from None
+      if not 0 <= i < self.vocab_size:
+        raise ValueError(f"ids tokenizer: id {i} is outside [0, {self.vocab_size})")
+      ids.append(i)
+    return ids
+
+  def decode(self, ids: list[int]) -> str:
+    bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
+    if bad:
+      raise ValueError(f"ids tokenizer: ids {bad[:5]} are outside [0, {self.vocab_size})")
+    return " ".join(str(int(i)) for i in ids)
+
+
 class HFTokenizer:
   """Any Hugging Face ``tokenizer.json`` through the tokenizers library."""
 
@@ -144,14 +177,20 @@ class WorldTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike | None = None) -> Tokenizer:
-  """None or "bytes" -> ByteTokenizer; a ``*.json`` path -> HFTokenizer; a ``*.txt`` World
-  vocabulary -> WorldTokenizer."""
+  """None or "bytes" -> ByteTokenizer; "ids" or "ids:N" -> IntTokenizer (vocabulary 64 or
+  N); a ``*.json`` path -> HFTokenizer; a ``*.txt`` World vocabulary -> WorldTokenizer."""
   if spec is None or str(spec) == "bytes":
     return ByteTokenizer()
   path = str(spec)
+  if path == "ids" or path.startswith("ids:"):
+    size = path[4:] or "64"
+    if not size.isdigit():
+      raise ValueError(f"unknown tokenizer {spec!r}: 'ids:N' takes a vocabulary size N")
+    return IntTokenizer(int(size))
   if path.endswith(".json"):
     return HFTokenizer(path)
   if path.endswith(".txt"):
     return WorldTokenizer(path)
   raise ValueError(
-      f"unknown tokenizer {spec!r}: use 'bytes', a tokenizer.json or a World vocab .txt path")
+      f"unknown tokenizer {spec!r}: use 'bytes', 'ids', a tokenizer.json or a World vocab "
+      ".txt path")

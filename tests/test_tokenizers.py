@@ -119,3 +119,21 @@ def test_load_tokenizer_dispatch(tmp_path):
     load_tokenizer(tmp_path / "vocab.model")
   with pytest.raises(FileNotFoundError):
     load_tokenizer(tmp_path / "missing.txt")
+
+
+def test_ids_tokenizer_of_the_synthetic_task():
+  from rwkv_jax.tokenizers import IntTokenizer
+
+  tok = load_tokenizer("ids")
+  assert isinstance(tok, IntTokenizer) and tok.vocab_size == 64 and tok.eot_id is None
+  assert tok.encode("3 5 7") == [3, 5, 7] and tok.encode(" 0\n63\t1 ") == [0, 63, 1]
+  assert tok.decode([3, 5, 7]) == "3 5 7" and tok.encode("") == []
+  assert load_tokenizer("ids:300").encode("299") == [299]
+  for bad, match in (("1 x", "'x' is not a token id"), ("64", r"outside \[0, 64\)"),
+                     ("-1", "outside")):
+    with pytest.raises(ValueError, match=match):
+      tok.encode(bad)
+  with pytest.raises(ValueError, match="outside"):
+    tok.decode([64])
+  with pytest.raises(ValueError, match="unknown tokenizer"):
+    load_tokenizer("ids:x")

@@ -15,18 +15,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True,
                  help="a training output dir, an HF model dir or a BlinkDL .pth")
   p.add_argument("--tokenizer", default=None,
-                 help="'bytes' or a tokenizer.json (default: the checkpoint's, else bytes)")
-  p.add_argument("--max-new-tokens", type=int, default=200)
-  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=0.85)
-  p.add_argument("--top-k", type=int, default=0, help="0 = off")
-  p.add_argument("--presence-penalty", type=float, default=0.0)
-  p.add_argument("--frequency-penalty", type=float, default=0.0)
-  p.add_argument("--seed", type=int, default=0)
+                 help="'bytes', 'ids' (token ids as integers, e.g. '1 2 3'), a "
+                      "tokenizer.json or a World vocab .txt (default: the checkpoint's: "
+                      "a training run's, 'ids' for the synthetic task, else bytes)")
+  p.add_argument("--max-new-tokens", type=int, default=200,
+                 help="tokens generated at most (%(default)s)")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="sampling temperature, 0 = greedy (%(default)s)")
+  p.add_argument("--top-p", type=float, default=0.85,
+                 help="nucleus sampling: the smallest set of tokens of this total "
+                      "probability (%(default)s)")
+  p.add_argument("--top-k", type=int, default=0,
+                 help="sample among the k likeliest tokens, 0 = off (%(default)s)")
+  p.add_argument("--presence-penalty", type=float, default=0.0,
+                 help="subtracted from the logit of every token seen (%(default)s)")
+  p.add_argument("--frequency-penalty", type=float, default=0.0,
+                 help="subtracted from a token's logit per time seen (%(default)s)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (%(default)s)")
   p.add_argument("--stop-token", type=int, action="append", default=None,
                  help="token id that ends a reply (repeatable; default: the tokenizer's "
                       "end-of-text id)")
-  p.add_argument("--chunk-size", type=int, default=16, help="decode steps per device call")
+  p.add_argument("--chunk-size", type=int, default=16,
+                 help="decode steps per device call (%(default)s)")
   p.add_argument("--decode-step", choices=("model", "pallas"), default=None,
                  help="the model's one-token forward or the fused Pallas step (default: "
                       "fused on a GPU)")
@@ -54,17 +64,24 @@ def _reporting_errors(name, fn):
     except (ValueError, FileNotFoundError) as e:
       print(f"rwkv-jax {name}: error: {e}", file=sys.stderr)
       return 1
+    except KeyboardInterrupt:  # Ctrl-C: end the line, no traceback, the shell's code
+      sys.stdout.write("\n")
+      sys.stdout.flush()
+      return 130
   return run
 
 
 class IncrementalDecoder:
   """Turns a growing token list into text pieces; holds back a trailing U+FFFD, which is
-  usually a multi-byte character whose remaining bytes have not been generated yet."""
+  usually a multi-byte character whose remaining bytes have not been generated yet.
+  ``context``: ids already shown (the prompt), decoded with the new ones but not emitted,
+  so a piece is what the new ids add after them (a separating space of the 'ids'
+  tokenizer, a word-initial space of a sentencepiece-like vocabulary)."""
 
-  def __init__(self, tokenizer):
+  def __init__(self, tokenizer, context=()):
     self.tokenizer = tokenizer
-    self.ids: list[int] = []
-    self.emitted = 0
+    self.ids: list[int] = [int(t) for t in context]
+    self.emitted = len(tokenizer.decode(self.ids).rstrip("\ufffd")) if self.ids else 0
 
   def push(self, token: int) -> str:
     self.ids.append(int(token))
@@ -91,8 +108,7 @@ def _load(args):
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(
         f"the tokenizer ({type(tokenizer).__name__}) has {tokenizer.vocab_size} ids but the "
-        f"model only {cfg.vocab_size} (a model trained on the synthetic task has no text "
-        "tokenizer): pass the model's tokenizer with --tokenizer")
+        f"model only {cfg.vocab_size}: pass the model's tokenizer with --tokenizer")
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty)
@@ -104,7 +120,8 @@ def _load(args):
 
 
 def _checkpoint_tokenizer(path):
-  """The tokenizer a checkpoint names: a training dir's ``train.tokenizer`` (None = bytes),
+  """The tokenizer a checkpoint names: a training dir's ``train.tokenizer`` (None = bytes;
+  "ids", the token ids as integers, for a run on the synthetic task: ``train.data`` None),
   else a ``tokenizer.json`` beside the weights, else None (bytes)."""
   from pathlib import Path
 
@@ -118,6 +135,8 @@ def _checkpoint_tokenizer(path):
     except ValueError:  # an HF config.json, not ours
       train = None
     else:
+      if train is not None and train.data is None:
+        return "ids"  # the synthetic task: its tokens are ids, not text
       return None if train is None else train.tokenizer
   candidate = folder / "tokenizer.json"
   return str(candidate) if candidate.is_file() else None
@@ -137,11 +156,14 @@ def run_generate(args, out=None) -> int:
   prompt = tokenizer.encode(args.prompt)
   if not prompt:
     raise ValueError("--prompt encodes to no tokens")
-  decoder = IncrementalDecoder(tokenizer)
+  # Set up (and so validate: --max-new-tokens, --chunk-size, the prompt's ids) before
+  # anything is printed.
+  tokens = stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                  key=args.seed, stop_tokens=stops, chunk_size=args.chunk_size,
+                  decode_step=args.decode_step)
+  decoder = IncrementalDecoder(tokenizer, prompt)
   _write(out, args.prompt)
-  for token in stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      key=args.seed, stop_tokens=stops, chunk_size=args.chunk_size,
-                      decode_step=args.decode_step):
+  for token in tokens:
     _write(out, decoder.push(token))
   _write(out, decoder.flush() + "\n")
   return 0
