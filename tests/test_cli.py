@@ -166,26 +166,16 @@ def test_the_progress_bar_says_compiling_before_the_first_step(tmp_path, capsys)
 
 
 def test_ctrl_c_while_compiling_is_acknowledged_at_once(tmp_path, monkeypatch, capsys):
-  import jax.stages
-
   from rwkv_jax.training import trainer
 
   events = []
-  real_compile = jax.stages.Lowered.compile
-
-  def slow_compile(self, *args, **kwargs):  # a compile of several seconds
-    events.append("compile starts")
-    time.sleep(3)
-    events.append("compile ends")
-    return real_compile(self, *args, **kwargs)
-
+  _slow_compile(monkeypatch, events)
   real_handle = trainer._StopOnSignal._handle
 
   def handle(self, signum, frame):
     events.append("signal handled")
     return real_handle(self, signum, frame)
 
-  monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
   monkeypatch.setattr(trainer._StopOnSignal, "_handle", handle)
 
   def interrupt_while_compiling():
@@ -207,6 +197,49 @@ def test_ctrl_c_while_compiling_is_acknowledged_at_once(tmp_path, monkeypatch, c
           in out)
   assert summary["interrupted"] == "SIGINT" and summary["steps"] == 1
   assert Checkpointer(tmp_path / "c").all_steps() == [1]  # then saved, as before
+
+
+def _slow_compile(monkeypatch, events, seconds=3.0):
+  import jax.stages
+
+  real_compile = jax.stages.Lowered.compile
+
+  def slow_compile(self, *args, **kwargs):  # a compile of several seconds
+    events.append("compile starts")
+    time.sleep(seconds)
+    events.append("compile ends")
+    return real_compile(self, *args, **kwargs)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
+
+
+def test_a_second_ctrl_c_while_compiling_stops_without_saving(tmp_path, monkeypatch, capsys):
+  events = []
+  _slow_compile(monkeypatch, events)
+
+  def interrupt_twice():
+    deadline = time.time() + 120
+    while "compile starts" not in events and time.time() < deadline:
+      time.sleep(0.01)
+    if "compile starts" in events:
+      for _ in range(2):
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+  sender = threading.Thread(target=interrupt_twice, daemon=True)
+  sender.start()
+  out = tmp_path / "twice"
+  assert _train("--out", out, "--steps", 5, *TINY_ARGS) == 130  # at once, no traceback
+  sender.join()
+  assert "compile ends" not in events
+  assert "interrupted; nothing saved" in capsys.readouterr().err
+  assert not out.exists()  # a failed start: nothing left behind
+  # The compile goes on in its (non-daemon) thread, which exit waits for: a thread killed
+  # inside XLA aborts the process.
+  workers = [t for t in threading.enumerate() if t.name == "rwkv-jax-compile"]
+  assert workers and all(t.is_alive() and not t.daemon for t in workers)
+  for t in workers:
+    t.join()
 
 
 def test_generate_on_the_synthetic_task_reads_and_writes_token_ids(stopped, capsys):

@@ -177,6 +177,10 @@ def run(args) -> int:
           TrainingDiverged) as e:
     print(f"rwkv-jax train: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # a second Ctrl-C: stopped without saving
+    print("\nrwkv-jax train: interrupted; nothing saved since the last checkpoint",
+          file=sys.stderr)
+    return 130
   if summary["interrupted"] == "max_minutes":  # a planned stop, announced by the trainer
     return 0
   if summary["interrupted"]:

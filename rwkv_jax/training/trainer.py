@@ -87,7 +87,7 @@ class _StopOnSignal:
     self.signum = signum
     step = "the step being compiled and run" if self.first_step else "the current step"
     self.say(f"{signal.Signals(signum).name} received: stopping after {step}, then saving "
-             f"a checkpoint (again: stop at once, without saving)")
+             f"a checkpoint (again: stop without saving)")
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -160,17 +160,22 @@ def _compile_interruptibly(jitted, *args) -> None:
   lowered = jitted.lower(*args)
   if threading.current_thread() is not threading.main_thread():
     return  # no signal handlers here: the first call compiles it
-  errors = []
+  errors, done = [], threading.Event()
 
   def work():
     try:
       lowered.compile()
     except BaseException as e:  # re-raised in the caller's thread
       errors.append(e)
+    finally:
+      done.set()
 
-  worker = threading.Thread(target=work, name="rwkv-jax-compile", daemon=True)
-  worker.start()
-  worker.join()  # interruptible: a signal handler runs while this thread waits
+  # Not a daemon: after a second Ctrl-C (a KeyboardInterrupt out of the wait) the
+  # interpreter waits for the compile at exit (XLA cannot be stopped; a thread killed
+  # inside it aborts the process). An Event, not join(): before Python 3.13 a join
+  # interrupted by a signal marks the running thread as stopped, and exit then kills it.
+  threading.Thread(target=work, name="rwkv-jax-compile").start()
+  done.wait()  # interruptible: a signal handler runs while this thread waits
   if errors:
     raise errors[0]
 
