@@ -87,12 +87,17 @@ def export_tensors(model, dtype: str = "float32",
   return out
 
 
-def make_config(config_class, source: str, overrides: dict, **fields):
-  """A family config from the checkpoint's fields plus user overrides of the non-shape
-  fields (dtype, wkv_impl, ctx_len, ...): shapes always come from the checkpoint."""
+def check_overrides(config_class, source: str, overrides: dict) -> None:
+  """User overrides may set only non-shape fields: shapes come from the checkpoint."""
   fixed = sorted(set(overrides) & set(config_class.SHAPE_FIELDS))
   if fixed:
     raise ValueError(f"{fixed} are read from {source} and cannot be overridden")
+
+
+def make_config(config_class, source: str, overrides: dict, **fields):
+  """A family config from the checkpoint's fields plus user overrides of the non-shape
+  fields (dtype, wkv_impl, ctx_len, ...)."""
+  check_overrides(config_class, source, overrides)
   return config_class(**{**fields, **overrides})
 
 

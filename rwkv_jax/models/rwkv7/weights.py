@@ -110,9 +110,9 @@ def infer_config(tensors: dict[str, np.ndarray], source: str, overrides: dict) -
   n_embd from emb.weight (V, C); head_size from r_k (H, N); dim_ffn from ffn.key.weight
   (F, C); the LoRA dims from w1/a1/v1/g1 (C, d). ``overrides`` may set only the non-shape
   fields (dtype, wkv_impl, ctx_len, dropout, layer_norm_eps); errors name ``source``."""
-  fixed = sorted(set(overrides) & set(RWKV7Config.SHAPE_FIELDS))
-  if fixed:
-    raise ValueError(f"{fixed} are read from {source} and cannot be overridden")
+  from rwkv_jax.interop._build import check_overrides, make_config
+
+  check_overrides(RWKV7Config, source, overrides)
   ids = layer_ids(tensors)
   if not ids:
     raise ValueError(f"{source}: no blocks.<i>.* tensors; not an RWKV-7 checkpoint")
@@ -139,5 +139,5 @@ def infer_config(tensors: dict[str, np.ndarray], source: str, overrides: dict) -
       raise ValueError(f"{source}: blocks.{layer}.att.{leaf} has shape {(c, d)}; its first "
                        f"dim must be n_embd {n_embd}")
     lora[field] = d
-  return RWKV7Config(**{"n_layer": len(ids), "n_embd": n_embd, "vocab_size": vocab,
-                        "head_size": head_size, "dim_ffn": dim_ffn, **lora, **overrides})
+  return make_config(RWKV7Config, source, overrides, n_layer=len(ids), n_embd=n_embd,
+                     vocab_size=vocab, head_size=head_size, dim_ffn=dim_ffn, **lora)
