@@ -88,7 +88,11 @@ def _load_training_dir(path: Path, step: int | None, overrides: dict):
   from rwkv_jax.models import abstract_model
   from rwkv_jax.training.checkpointing import Checkpointer
 
-  cfg, _ = read_run_config(path)
+  cfg, train = read_run_config(path)
+  if train is not None and train.tune != "full":  # LoRA / state tuning: base + adapters
+    from rwkv_jax.tuning import load_tuned_model
+
+    return load_tuned_model(path, step, **overrides)
   fixed = sorted(set(overrides) & set(cfg.SHAPE_FIELDS))
   if fixed:
     raise ValueError(f"{fixed} are fixed by the run in {path} and cannot be overridden")

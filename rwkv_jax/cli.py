@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "rwkv_jax.inference.cli",
     "rwkv_jax.interop.cli",
     "rwkv_jax.data.cli",
+    "rwkv_jax.lora_cli",
 ]
 
 

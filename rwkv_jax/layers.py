@@ -18,9 +18,20 @@ def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 def matmul(x, kernel, dtype):
-  """x (..., I) @ kernel (I, O) in the compute dtype, accumulated and returned in float32."""
+  """x (..., I) @ kernel (I, O) in the compute dtype, accumulated and returned in float32.
+
+  ``kernel`` may also be a wrapped matrix with its own ``matmul(x, dtype)`` (an int8
+  ``rwkv_jax.quantize.QuantizedMatrix``, a ``rwkv_jax.lora.LoraKernel``), which a model
+  reads in place of an array without any change to the model's code."""
+  if is_wrapped_matrix(kernel):
+    return kernel.matmul(x, dtype)
   return jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype),
                     preferred_element_type=jnp.float32)
+
+
+def is_wrapped_matrix(x) -> bool:
+  """True for a matrix object with its own ``matmul`` (not an array)."""
+  return hasattr(x, "matmul") and not hasattr(x, "dtype")
 
 
 class Dense(nnx.Module):

@@ -46,8 +46,12 @@ def resolve_decode_step(step: str | None, model, batch: int, on_mesh: bool = Fal
   one-token forward; a family may offer fused kernels). None picks the family's default on
   one device and "model" on a mesh. ValueError for an unknown name or a step that cannot
   take this batch."""
+  wrapped = _has_wrapped_matrices(model)
   if step is None:
-    return "model" if on_mesh else model.default_decode_step(batch)
+    return "model" if on_mesh or wrapped else model.default_decode_step(batch)
+  if step != "model" and wrapped:
+    raise ValueError(f"decode_step={step!r} reads plain float matrices; a model with int8 "
+                     "or unmerged LoRA matrices decodes with 'model' (or merge the LoRA)")
   if step not in model.decode_steps():
     raise ValueError(f"unknown decode step {step!r} for {model.cfg.family}; choose from "
                      f"{model.decode_steps()} or None")
@@ -56,6 +60,14 @@ def resolve_decode_step(step: str | None, model, batch: int, on_mesh: bool = Fal
       raise ValueError(f"decode_step={step!r} runs on one device; use 'model' with a mesh")
     model.check_decode_step(step, batch)
   return step
+
+
+def _has_wrapped_matrices(model) -> bool:
+  """True when some parameter is an int8 / LoRA matrix object rather than an array."""
+  from rwkv_jax.layers import is_wrapped_matrix
+
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=is_wrapped_matrix)
+  return any(is_wrapped_matrix(x) for x in leaves)
 
 
 def _hidden_with_state(model, tokens, state, implementation):
@@ -139,7 +151,8 @@ def cast_matmul_weights(params, dtype: str, names=frozenset({"kernel", "head"}))
 
   def cast(path, x):
     keys = {getattr(p, "key", None) for p in path}
-    return x.astype(dtype) if x.ndim == 2 and keys & set(names) else x
+    floating = jnp.issubdtype(x.dtype, jnp.floating)  # int8 matrices stay int8
+    return x.astype(dtype) if x.ndim == 2 and floating and keys & set(names) else x
 
   return jax.tree_util.tree_map_with_path(cast, params)
 

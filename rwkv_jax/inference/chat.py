@@ -30,12 +30,16 @@ class ChatSession:
     max_conversations: states kept; the least recently used one is dropped beyond this.
     stop_tokens: ids that end a reply (default: the tokenizer's ``eot_id`` if any).
     chunk_size: decode steps per device call when streaming.
+    initial_state: the state every new (or reset, or evicted) conversation starts from
+      (batch 1; e.g. a tuned state from ``rwkv-jax train --tune state``, read with
+      ``rwkv_jax.tuning.load_tuned_state``); None: the empty state.
   """
 
   def __init__(self, model, tokenizer=None, *, sampling: SamplingConfig | None = None,
                key=None, max_conversations: int = 16,
                stop_tokens: Sequence[int] | None = None, chunk_size: int = 16,
-               implementation: str | None = None, decode_step: str | None = None):
+               implementation: str | None = None, decode_step: str | None = None,
+               initial_state=None):
     if isinstance(max_conversations, bool) or not isinstance(max_conversations, int) \
         or max_conversations < 1:
       raise ValueError(f"max_conversations must be a positive integer, got {max_conversations!r}")
@@ -50,6 +54,7 @@ class ChatSession:
     self.chunk_size = chunk_size
     self.implementation = implementation
     self.decode_step = decode_step
+    self.initial_state = None if initial_state is None else check_state(model, initial_state, 1)
     self._key = as_key(key)
     self._turn = 0
     self._states: collections.OrderedDict[Hashable, object] = collections.OrderedDict()
@@ -109,7 +114,8 @@ class ChatSession:
     included). The conversation's state then covers the message and the whole reply."""
     out = generate(self.model, [self._encode(message)], max_new_tokens=max_new_tokens,
                    sampling=self.sampling, key=self._next_key(),
-                   state=self._states.get(conversation), stop_tokens=self.stop_tokens,
+                   state=self._states.get(conversation, self.initial_state),
+                   stop_tokens=self.stop_tokens,
                    implementation=self.implementation, decode_step=self.decode_step)
     self.set_state(conversation, out.state)
     return [int(t) for t in out.tokens[0, :out.lengths[0]]]
@@ -120,8 +126,8 @@ class ChatSession:
     is updated when the reply ends; an abandoned stream leaves the conversation as it was."""
     tokens = TokenStream(self.model, [self._encode(message)], max_new_tokens=max_new_tokens,
                          sampling=self.sampling, key=self._next_key(),
-                         state=self._states.get(conversation), stop_tokens=self.stop_tokens,
-                         chunk_size=self.chunk_size, implementation=self.implementation,
+                         state=self._states.get(conversation, self.initial_state),
+                         stop_tokens=self.stop_tokens, chunk_size=self.chunk_size, implementation=self.implementation,
                          decode_step=self.decode_step)
     for tok in tokens:
       yield int(tok[0])

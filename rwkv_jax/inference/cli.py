@@ -40,6 +40,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--decode-step", choices=("model", "pallas"), default=None,
                  help="the model's one-token forward or the fused Pallas step (default: "
                       "fused on a GPU)")
+  p.add_argument("--lora", metavar="RUN",
+                 help="a LoRA run (rwkv-jax train --lora-rank): its adapters, unmerged, on "
+                      "--checkpoint, which must be the run's base (checked)")
+  p.add_argument("--state", metavar="FILE",
+                 help="start from this state file (.safetensors/.npz), e.g. a tuned state "
+                      "(rwkv-jax train --tune state writes OUT/state.safetensors; the "
+                      "default for --checkpoint of such a run)")
+  p.add_argument("--quantize", choices=("int8",), default=None,
+                 help="int8 weight-only matrices and head (per-output-channel scales), "
+                      "dequantized inside each matmul")
 
 
 def register(subparsers) -> None:
@@ -97,12 +107,18 @@ class IncrementalDecoder:
 
 
 def _load(args):
-  """(model, tokenizer, SamplingConfig, stop tokens) from the command-line arguments."""
+  """(model, tokenizer, SamplingConfig, stop tokens, initial state or None) from the
+  command-line arguments."""
   from rwkv_jax.checkpoint import load_model
   from rwkv_jax.inference.sampling import SamplingConfig
   from rwkv_jax.tokenizers import load_tokenizer
+  from rwkv_jax.tuning import adapt_for_inference
 
   model, cfg = load_model(args.checkpoint)
+  model, state = adapt_for_inference(model, checkpoint=args.checkpoint,
+                                     lora=getattr(args, "lora", None),
+                                     state=getattr(args, "state", None),
+                                     quantize=getattr(args, "quantize", None))
   spec = args.tokenizer if args.tokenizer is not None else _checkpoint_tokenizer(args.checkpoint)
   tokenizer = load_tokenizer(spec)
   if tokenizer.vocab_size > cfg.vocab_size:
@@ -116,7 +132,7 @@ def _load(args):
     stops = tuple(args.stop_token)
   else:
     stops = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
-  return model, tokenizer, sampling, stops
+  return model, tokenizer, sampling, stops, state
 
 
 def _checkpoint_tokenizer(path):
@@ -152,7 +168,7 @@ def run_generate(args, out=None) -> int:
   from rwkv_jax.inference.generate import stream
 
   out = out or sys.stdout
-  model, tokenizer, sampling, stops = _load(args)
+  model, tokenizer, sampling, stops, state = _load(args)
   prompt = tokenizer.encode(args.prompt)
   if not prompt:
     raise ValueError("--prompt encodes to no tokens")
@@ -160,7 +176,7 @@ def run_generate(args, out=None) -> int:
   # anything is printed.
   tokens = stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
                   key=args.seed, stop_tokens=stops, chunk_size=args.chunk_size,
-                  decode_step=args.decode_step)
+                  decode_step=args.decode_step, state=state)
   decoder = IncrementalDecoder(tokenizer, prompt)
   _write(out, args.prompt)
   for token in tokens:
@@ -173,10 +189,10 @@ def run_chat(args, inp=None, out=None) -> int:
   from rwkv_jax.inference.chat import ChatSession
 
   inp, out = inp or sys.stdin, out or sys.stdout
-  model, tokenizer, sampling, stops = _load(args)
+  model, tokenizer, sampling, stops, state = _load(args)
   session = ChatSession(model, tokenizer, sampling=sampling, key=args.seed, stop_tokens=stops,
                         chunk_size=args.chunk_size, max_conversations=1,
-                        decode_step=args.decode_step)
+                        decode_step=args.decode_step, initial_state=state)
   interactive, first = inp.isatty(), True
   while True:
     if interactive:

@@ -60,6 +60,10 @@ def from_pretrained(path: str | os.PathLike, *, hf_eval_rescale: bool = True,
   if fmt == "hf":
     return load_hf(path, hf_eval_rescale=hf_eval_rescale, **config_overrides)
   if fmt == "blinkdl":
+    from rwkv_jax import quantize
+
+    if quantize.is_int8_file(path):  # rwkv-jax's int8 file (save_pretrained quantize=)
+      return quantize.load_int8(path, **config_overrides)
     return load_blinkdl(path, **config_overrides)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
@@ -68,12 +72,26 @@ def from_pretrained(path: str | os.PathLike, *, hf_eval_rescale: bool = True,
 
 
 def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
-                    rescale_every: int | None = None, overwrite: bool = False) -> str:
+                    rescale_every: int | None = None, overwrite: bool = False,
+                    quantize: str | None = None) -> str:
   """Writes ``model``: a ``*.pth``/``*.pt``/``*.safetensors`` path gets a BlinkDL state
   dict (any family), any other path an HF directory (config.json + model.safetensors;
   RWKV-4 only: transformers has no RWKV-7). dtype: float32, float16 or bfloat16.
-  ``rescale_every`` (HF only, None = what the model encodes)."""
+  ``rescale_every`` (HF only, None = what the model encodes). ``quantize="int8"``: a
+  ``*.safetensors`` file in rwkv-jax's int8 layout (``rwkv_jax.quantize``: int8 matrices +
+  float32 scales; read back by ``from_pretrained``, not by BlinkDL or HF tools)."""
   target = os.fspath(path)
+  from rwkv_jax import quantize as q
+
+  if quantize is not None or q.is_quantized(model):
+    if quantize not in (None, *q.MODES):
+      raise ValueError(f"unknown quantize={quantize!r}; supported: {q.MODES}")
+    if not target.endswith(".safetensors"):
+      raise ValueError(f"an int8 model is saved as a .safetensors file (rwkv-jax's int8 "
+                       f"layout), got {target!r}")
+    if dtype != "float32" or rescale_every is not None:
+      raise ValueError("dtype / rescale_every do not apply to an int8 file")
+    return q.save_int8(model, target, overwrite=overwrite)
   if target.endswith((".pth", ".pt", ".safetensors")):
     if rescale_every is not None:
       raise ValueError("rescale_every is an HF config field; BlinkDL files have none")

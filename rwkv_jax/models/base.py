@@ -153,6 +153,16 @@ class RecurrentLM(nnx.Module):
   # Leaf names (a path component) of the matrices read by matmuls: inference casts them
   # to the compute dtype once (``rwkv_jax.inference._engine.cast_matmul_weights``).
   MATMUL_PARAMS: ClassVar[frozenset[str]] = frozenset({"kernel", "head"})
+  # LoRA parts (``rwkv_jax.lora``): part name -> (a path component the matrix must lie
+  # under, or None for any; the leaf names it selects). Only 2-D leaves read through
+  # ``layers.matmul`` can be adapted (the embedding is a gather, so it is no part).
+  LORA_PARTS: ClassVar[dict[str, tuple[str | None, frozenset[str]]]] = {
+      "att": ("att", frozenset({"kernel"})),    # every block's time-mix Dense matrices
+      "ffn": ("ffn", frozenset({"kernel"})),    # every block's channel-mix Dense matrices
+      "head": (None, frozenset({"head"})),      # the output head
+  }
+  # Leaves that ``rwkv_jax.quantize`` stores as int8 (2-D, read through layers.matmul).
+  INT8_PARAMS: ClassVar[frozenset[str]] = frozenset({"kernel", "head"})
 
   # ---- what a family implements
   def init_state(self, batch_size: int):
@@ -162,6 +172,13 @@ class RecurrentLM(nnx.Module):
   def state_axes(self):
     """The state's logical axis names: the state's structure with a tuple per leaf."""
     raise NotImplementedError
+
+  def tunable_state(self, batch_size: int = 1):
+    """The starting point of state tuning (``rwkv-jax train --tune state``): a state equal
+    to the empty one in function whose every leaf has a useful gradient. By default
+    ``init_state``; a family overrides it where the empty state has a leaf that blocks
+    gradients (RWKV-4's exponent of -1e38)."""
+    return self.init_state(batch_size)
 
   def embed(self, tokens):
     """tokens (B, T) int -> x (B, T, C) float32 (validated; see ``check_tokens``)."""

@@ -110,6 +110,16 @@ class Checkpointer:
             f"one.")
     return restored, meta
 
+  def read_meta(self, step: int) -> dict:
+    """The meta item (JSON) of step ``step`` alone."""
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+      raise CheckpointError(f"cannot read the meta item of checkpoint "
+                            f"{self.directory / str(step)} ({type(e).__name__}: "
+                            f"{str(e)[:300]})") from e
+
   @staticmethod
   def items_of(state) -> dict[str, Any]:
     """The saved items of a TrainState (or of its abstract shapes)."""

@@ -120,6 +120,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="micro-batches per optimizer step (optax.MultiSteps) (%(default)s)")
   g.add_argument("--z-loss", type=float, default=d.z_loss,
                  help="weight of the auxiliary logsumexp^2 loss, e.g. 1e-4 (%(default)s)")
+  g = p.add_argument_group("fine-tuning (with --init-from BASE; the base stays frozen)")
+  g.add_argument("--tune", default=d.tune, choices=["full", "lora", "state"],
+                 help="what is trained: every weight, LoRA adapters (implied by "
+                      "--lora-rank) or a learned initial state, written to "
+                      "OUT/state.safetensors (%(default)s)")
+  g.add_argument("--lora-rank", type=int, metavar="R",
+                 help="LoRA rank: train W + (alpha / R) A B on the --lora-parts matrices")
+  g.add_argument("--lora-alpha", type=float, metavar="A",
+                 help="LoRA alpha (default: R, a scale of 1)")
+  g.add_argument("--lora-parts", default=d.lora_parts, metavar="PARTS",
+                 help="comma-separated: att (time-mix matrices), ffn (channel-mix "
+                      "matrices), head (%(default)s)")
   _only_given(p)
 
 

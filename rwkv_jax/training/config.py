@@ -21,11 +21,26 @@ TRAJECTORY_FIELDS = (
     "batch_size", "ctx_len", "lr", "warmup", "schedule", "final_lr_ratio", "weight_decay",
     "b1", "b2", "eps", "clip", "grad_accum", "z_loss", "seed", "data", "tokenizer",
     "val_fraction", "dropout", "encoding", "jsonl_field", "vocab_size",
+    "tune", "lora_rank", "lora_alpha", "lora_parts",
 )
 
 # Fields of one invocation that a resumed run does not take from the saved config (the
 # wall-time budget too: the run it stopped is continued, not budgeted again).
 _NOT_RESUMED = ("out", "resume", "progress", "max_minutes")
+
+
+def _lora_part_names() -> set[str]:
+  """Every LoRA part name a family declares (``RecurrentLM.LORA_PARTS``)."""
+  from rwkv_jax.models import FAMILIES, family_module
+  from rwkv_jax.models.base import RecurrentLM
+
+  names = set(RecurrentLM.LORA_PARTS)
+  for family in FAMILIES:
+    try:
+      names |= set(family_module(family).MODEL.LORA_PARTS)
+    except ImportError:  # a family whose package is not importable here
+      continue
+  return names
 
 
 def _known_encoding(name: str) -> bool:
@@ -99,6 +114,14 @@ class TrainConfig:
   # Wall-time budget of this invocation: once spent, the run saves after the current step
   # and stops as if interrupted (--resume continues it). Not a trajectory field.
   max_minutes: float | None = None
+  # What is trained (rwkv_jax.training.tuning): "full" (every weight), "lora" (low-rank
+  # adapters on the lora_parts matrices of the --init-from base, which stays frozen and out
+  # of the optimizer state; a lora_rank implies it) or "state" (only a learned initial
+  # recurrent state of the frozen base). Trajectory fields.
+  tune: str = "full"
+  lora_rank: int | None = None
+  lora_alpha: float | None = None  # None: alpha = rank (the update scaled by 1)
+  lora_parts: str = "att,ffn"      # comma-separated names of the model's LORA_PARTS
 
   def validate(self, family: str | None = None) -> "TrainConfig":
     """Raises ValueError naming the first invalid field. ``family``: the family of the
@@ -167,6 +190,7 @@ class TrainConfig:
          "must be a directory path")
     need(isinstance(self.jsonl_field, str) and self.jsonl_field != "", "jsonl_field",
          "must be a field name")
+    self._validate_tuning(need, is_int, finite)
     if self.data is None and self.tokenizer is not None:
       raise ValueError("--tokenizer needs --data (the synthetic task has its own vocabulary)")
     if self.data is None and self.vocab_size is not None:
@@ -179,6 +203,31 @@ class TrainConfig:
       except ImportError as e:
         raise ValueError(str(e)) from None
     return self
+
+  def _validate_tuning(self, need, is_int, finite) -> None:
+    from rwkv_jax.tuning import KINDS
+
+    if self.lora_rank is not None and self.tune == "full":
+      self.tune = "lora"  # --lora-rank R alone asks for LoRA
+    need(self.tune in KINDS, "tune", f"must be one of {KINDS}")
+    if self.tune == "lora":
+      need(is_int(self.lora_rank) and self.lora_rank >= 1, "lora_rank",
+           "must be a positive integer (the rank of every adapter)")
+      need(self.lora_alpha is None or (finite(self.lora_alpha) and self.lora_alpha > 0),
+           "lora_alpha", "must be a positive number")
+      parts = [p.strip() for p in str(self.lora_parts).split(",")]
+      known = _lora_part_names()
+      need(isinstance(self.lora_parts, str) and all(parts) and len(set(parts)) == len(parts)
+           and set(parts) <= known, "lora_parts",
+           f"must be comma-separated part names from {sorted(known)} (the embedding is a "
+           "lookup, not a matmul, so it takes no LoRA)")
+    else:
+      need(self.lora_rank is None and self.lora_alpha is None,
+           "lora_rank" if self.lora_rank is not None else "lora_alpha",
+           f"applies to LoRA only, not --tune {self.tune}")
+    if self.tune != "full":
+      need(self.init_from is not None, "tune",
+           "needs --init-from BASE: the frozen model whose adapters / state are trained")
 
   def model_family(self) -> str:
     """The family of a fresh model: --family, else the preset's, else RWKV-4."""

@@ -328,6 +328,11 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
     data = _build_data(cfg, None)
     model = _initial_model(cfg, data.vocab_size, abstract=mesh is not None)
   model_cfg = model.cfg
+  if cfg.tune != "full":  # LoRA / state tuning: only a small part is trained
+    from rwkv_jax.training import tuning
+
+    return tuning.run(cfg, out, ckpt, mesh, model, data, latest if resuming else None,
+                      wall0, _loop)
   tx, schedule = make_optimizer(
       lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, schedule=cfg.schedule,
       final_lr_ratio=cfg.final_lr_ratio, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2,
@@ -380,22 +385,26 @@ class _NoLog:
 
 
 def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start, resuming,
-          wall0, mesh=None) -> dict[str, Any]:
+          wall0, mesh=None, tuner=None) -> dict[str, Any]:
   tqdm = M.progress_bar_class()
   main = sharding.is_main_process()
   state_sh = batch_sh = gather = None
-  if mesh is not None:
+  if mesh is not None and tuner is None:
     state_sh = sharding.state_shardings(state, mesh, state.params)
     batch_sh = sharding.batch_sharding(mesh)
     gather = sharding.compute_gather(mesh, state.params)
   n_devices = 1 if mesh is None else mesh.size
   on_mesh = lambda fn: sharding.traced_on_mesh(fn, mesh)  # the Pallas WKV runs per shard
-  train_step = compile_train_step(
-      on_mesh(make_train_step(graphdef, tx, z_loss=cfg.z_loss, gather=gather)),
-      state_shardings=state_sh, batch_shardings=batch_sh)
-  eval_step = compile_eval_step(
-      on_mesh(make_eval_step(graphdef, gather=gather)),
-      param_shardings=None if state_sh is None else state_sh.params, batch_shardings=batch_sh)
+  if tuner is not None:  # the steps of a LoRA / state-tuning run (training/tuning.py)
+    train_step, eval_step = tuner.steps(tx, cfg, mesh)
+  else:
+    train_step = compile_train_step(
+        on_mesh(make_train_step(graphdef, tx, z_loss=cfg.z_loss, gather=gather)),
+        state_shardings=state_sh, batch_shardings=batch_sh)
+    eval_step = compile_eval_step(
+        on_mesh(make_eval_step(graphdef, gather=gather)),
+        param_shardings=None if state_sh is None else state_sh.params,
+        batch_shardings=batch_sh)
   log = (M.MetricsLog(out, resume_step=start if resuming else None,
                       tensorboard=cfg.tensorboard) if main else _NoLog())
   tokens_per_step = cfg.batch_size * cfg.ctx_len * cfg.grad_accum
@@ -406,10 +415,15 @@ def _loop(cfg, out, ckpt, graphdef, tx, schedule, state, data, model_cfg, start,
           f"{model_cfg.param_count():,} parameters, {model_cfg.dtype}; {data.describe()}")
     print(f"  out: {out}  ({'resuming from step ' + str(start) if resuming else 'new run'})"
           + ("" if mesh is None else f"; mesh {sharding.mesh_description(mesh)}"))
+    if tuner is not None:
+      print(tuner.describe(state.params))
 
   def save(step, loss):
     ckpt.save(step, state, {"step": step, "data_position": step * cfg.grad_accum,
-                            "data_fingerprint": data.fingerprint, "loss": loss})
+                            "data_fingerprint": data.fingerprint, "loss": loss,
+                            **({} if tuner is None else tuner.meta())})
+    if tuner is not None and main:
+      tuner.on_save(out, state, step)
 
   rates, eval_metrics, saved_step = [], None, (start if resuming else None)
   last = {"loss": float("nan"), "accuracy": float("nan")}

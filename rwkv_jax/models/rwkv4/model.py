@@ -119,6 +119,13 @@ class RWKV(RecurrentLM):
   def state_axes(self) -> RWKVState:
     return STATE_AXES
 
+  def tunable_state(self, batch_size: int = 1) -> RWKVState:
+    """The empty state with the WKV exponent at 0 instead of -1e38: the same function
+    (numerator and denominator are 0), but exp(att_max) no longer zeroes the gradients of
+    att_num / att_den, so state tuning can learn them."""
+    return self.init_state(batch_size)._replace(
+        att_max=jnp.zeros((self.cfg.n_layer, batch_size, self.cfg.n_embd), jnp.float32))
+
   def embed(self, tokens):  # B T -> B T C float32
     check_tokens(tokens, self.cfg.vocab_size)
     return self.ln0(embed_tokens(self.emb[...], tokens))
