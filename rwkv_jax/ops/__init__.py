@@ -15,6 +15,7 @@ import jax
 from rwkv_jax.ops._associative import wkv_associative_scan
 from rwkv_jax.ops._scan import wkv_scan_reference, wkv_step
 from rwkv_jax.ops._state import NEG_INF_EXP, WKVState
+from rwkv_jax.ops.wkv7 import wkv7, wkv7_step
 
 IMPLEMENTATIONS = ("scan", "associative_scan", "pallas")
 
@@ -58,4 +59,5 @@ def wkv(w, u, k, v, state=None, *, implementation: str | None = None):
 __all__ = [
     "IMPLEMENTATIONS", "NEG_INF_EXP", "WKVState", "default_implementation",
     "resolve_implementation", "wkv", "wkv_associative_scan", "wkv_scan_reference", "wkv_step",
+    "wkv7", "wkv7_step",
 ]
