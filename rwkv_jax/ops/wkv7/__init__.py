@@ -17,7 +17,7 @@ Implementations (``IMPLEMENTATIONS``):
   "scan"     lax.scan step by step: the reference (``wkv7_scan``); ``wkv7_step`` is its one
              token, for decode.
   "chunked"  matmuls inside chunks of ``chunk_size`` steps (a power of two, default
-             ``DEFAULT_CHUNK_SIZE`` = 64), an associative scan across chunks
+             ``DEFAULT_CHUNK_SIZE`` = 32), an associative scan across chunks
              (``wkv7_chunked``; see chunked.py for the algorithm).
   "pallas"   a slot for a GPU kernel: ``register_implementation("pallas", fn,
              platforms=("gpu",))`` fills it; until then selecting it raises

@@ -43,9 +43,11 @@ import jax.numpy as jnp
 from rwkv_jax.ops.wkv7.scan import check_wkv7_inputs
 
 _HI = jax.lax.Precision.HIGHEST
-# The associative scan costs O(N^3 / L) flops per token, the in-chunk matmuls O(L N): an L
-# near N balances them; 64 is also fla's fastest chunk_rwkv7 setting on an H200.
-DEFAULT_CHUNK_SIZE = 64
+# The associative scan costs O(N^3 / L) flops per token, the in-chunk matmuls O(L N). On an
+# H200 (bf16 inputs, N = 64, experiments/bench_wkv7.py) 32 was fastest and smallest: at
+# (B, T, H) = (8, 4096, 32) fwd / fwd+bwd 17.2 / 48.2 ms, 14 GB temp (16: 19.4 / 50.3 ms,
+# 64: 17.8 / 48.7 ms), and it compiles in 2/3 of 64's time.
+DEFAULT_CHUNK_SIZE = 32
 
 
 def _mm(eq, x, y):
