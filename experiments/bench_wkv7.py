@@ -30,7 +30,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments._common import machine, print_table, write_json  # noqa: E402
 from experiments.bench_wkv import timed  # noqa: E402
-from rwkv_jax.ops.wkv7 import available_implementations, wkv7  # noqa: E402
+from rwkv_jax.ops.wkv7 import DEFAULT_CHUNK_SIZE, available_implementations, wkv7  # noqa: E402
 
 SHAPES = "8,4096,32;1,32768,32"
 QUICK_SHAPES = "2,256,2;1,1024,2"
@@ -112,8 +112,8 @@ def main(argv=None):
   p.add_argument("--shapes", default=None, help=f"B,T,H;... (default {SHAPES})")
   p.add_argument("--head-size", type=int, default=None, help="N (default 64; 16 if --quick)")
   p.add_argument("--chunk-sizes", default=None,
-                 help="chunk sizes for chunked (and pallas), comma list (default 64; "
-                      "16,64 if --quick)")
+                 help="chunk sizes for chunked (and pallas), comma list (default "
+                      f"{DEFAULT_CHUNK_SIZE}; 16,64 if --quick)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--repeats", type=int, default=None, help="timed batches (7; 3 if --quick)")
   p.add_argument("--case-cap-s", type=float, default=120.0,
@@ -127,7 +127,7 @@ def main(argv=None):
   shapes = [tuple(int(x) for x in s.split(","))
             for s in (args.shapes or (QUICK_SHAPES if quick else SHAPES)).split(";") if s]
   n = args.head_size or (16 if quick else 64)
-  chunk_sizes = [int(c) for c in (args.chunk_sizes or ("16,64" if quick else "64")).split(",")]
+  chunk_sizes = [int(c) for c in (args.chunk_sizes or ("16,64" if quick else str(DEFAULT_CHUNK_SIZE))).split(",")]
   repeats = args.repeats or (3 if quick else 7)
   dtype = jnp.dtype(args.dtype)
   modes = {"fwd": forward, "fwd+bwd": forward_backward}
