@@ -422,6 +422,13 @@ def test_int8_file_round_trip_and_bad_inputs(rng, tmp_path):
   back = interop.from_pretrained(path)
   np.testing.assert_array_equal(np.asarray(back(tokens)), np.asarray(q(tokens)))
   assert os.path.getsize(path) < 0.5 * 4 * cfg.param_count()
+  # rwkv-jax convert --quantize int8 writes the same file from a float one.
+  from rwkv_jax.cli import main
+
+  src = interop.save_pretrained(model, tmp_path / "f32.safetensors")
+  assert main(["convert", src, str(tmp_path / "c.safetensors"), "--quantize", "int8"]) == 0
+  converted = interop.from_pretrained(tmp_path / "c.safetensors", wkv_impl="scan")
+  np.testing.assert_array_equal(np.asarray(converted(tokens)), np.asarray(q(tokens)))
   # Bad inputs: clear errors, nothing written.
   with pytest.raises(ValueError, match="cannot quantize.*'emb'.*gather"):
     quantize.quantize_model(model, paths=["emb"])

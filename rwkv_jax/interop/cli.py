@@ -23,6 +23,10 @@ def register(subparsers) -> None:
                  help="HF DST only: config rescale_every (default: keep the source's HF "
                       "value; 0 for a BlinkDL source, which makes HF's logits equal ours)")
   p.add_argument("--overwrite", action="store_true", help="replace existing DST files")
+  p.add_argument("--quantize", choices=("int8",), default=None,
+                 help="DST *.safetensors only: int8 matrices + float32 per-channel scales "
+                      "in rwkv-jax's own layout (rwkv_jax.quantize; read back by rwkv-jax, "
+                      "not by BlinkDL or HF tools)")
   p.set_defaults(func=run)
 
 
@@ -32,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
   try:
     model = interop.from_pretrained(args.src)
     dst = interop.save_pretrained(model, args.dst, dtype=args.dtype,
-                                  rescale_every=args.rescale_every, overwrite=args.overwrite)
+                                  rescale_every=args.rescale_every, overwrite=args.overwrite,
+                                  quantize=getattr(args, "quantize", None))
   except (ValueError, ImportError, FileNotFoundError, FileExistsError) as e:
     print(f"rwkv-jax convert: error: {e}", file=sys.stderr)
     return 1
-  print(f"{args.src} -> {dst}: {model.cfg.describe_shape()} ({args.dtype})")
+  what = getattr(args, "quantize", None) or args.dtype
+  print(f"{args.src} -> {dst}: {model.cfg.describe_shape()} ({what})")
   return 0

@@ -54,7 +54,10 @@ class Tuner:
     self.kind = cfg.tune
     self.model = base_model
     self.graphdef, params = nnx.split(base_model, nnx.Param)
-    self.fingerprint = tuning.base_fingerprint(params)
+    # A shapes-only base (``abstract_model``) builds steps that can be lowered and
+    # compiled with abstract arguments (experiments/finetune_memory.py), not run.
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    self.fingerprint = None if abstract else tuning.base_fingerprint(params)
     self.spec = None
     if self.kind == "lora":
       self.spec = lora.LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_parts)
@@ -65,12 +68,14 @@ class Tuner:
     else:
       raise ValueError(f"no tuner for tune={self.kind!r}")
     # Frozen: matrices in the compute dtype (what layers.matmul reads anyway).
-    base = cast_matmul_weights(params, cfg.dtype, base_model.MATMUL_PARAMS)
+    cast = lambda p: cast_matmul_weights(p, cfg.dtype, base_model.MATMUL_PARAMS)
+    base = jax.eval_shape(cast, params) if abstract else cast(params)
     self.base_shardings = None
     if mesh is not None:
       self.base_shardings = sharding.param_shardings(base, mesh)
-      base = jax.device_put(base, self.base_shardings)
-    else:
+      if not abstract:
+        base = jax.device_put(base, self.base_shardings)
+    elif not abstract:
       base = jax.tree.map(jnp.copy, base)  # own buffers (the model may share zeros)
     self.base = base
 
