@@ -93,9 +93,9 @@ def _load_training_dir(path: Path, step: int | None, overrides: dict):
     from rwkv_jax.tuning import load_tuned_model
 
     return load_tuned_model(path, step, **overrides)
-  fixed = sorted(set(overrides) & set(cfg.SHAPE_FIELDS))
-  if fixed:
-    raise ValueError(f"{fixed} are fixed by the run in {path} and cannot be overridden")
+  from rwkv_jax.interop._build import check_overrides
+
+  check_overrides(type(cfg), str(path), overrides)
   cfg = cfg.replace(**overrides)
   abstract = abstract_model(cfg)
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
