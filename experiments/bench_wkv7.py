@@ -1,10 +1,10 @@
-"""WKV-7 benchmark: "scan" vs "chunked" (and "pallas" once registered), forward and
-forward+backward.
+"""WKV-7 benchmark: "scan" vs "chunked" vs "pallas", forward and forward+backward.
 
   PYTHONPATH=$PWD python3 experiments/bench_wkv7.py --out DIR            # GPU
   PYTHONPATH=$PWD python3 experiments/bench_wkv7.py --out DIR --quick    # CPU, tiny shapes
 
-Shapes (B, T, H) = (8, 4096, 32) and (1, 32768, 32), N = 64, bf16 inputs drawn like the
+Shapes (B, T, H) = (8, 4096, 32), (1, 32768, 32) and (32, 1024, 12), N = 64 ("scan" only
+where T <= --scan-max-t), bf16 inputs drawn like the
 model (w = exp(-exp(-0.5) sigmoid(x)), kk l2-normalised, a = -kk, b = kk * sigmoid(x)),
 an incoming float32 state. "fwd" computes y and the new state; "fwd+bwd" the gradients
 of sum(y) + sum(new state) in all six inputs and the state. Each case is compiled once
@@ -13,7 +13,10 @@ of back-to-back calls after a warm-up (``bench_wkv.timed``); a case whose single
 exceeds --case-cap-s / --repeats is reported from one call. "min GB/s" divides the bytes
 every implementation must move (the six inputs and y in bf16, the state in and out in
 float32) by the time. ``--check`` first compares every implementation with "scan" on the
-first --check-t steps of each shape. Prints a Markdown table; writes DIR/bench_wkv7.json.
+first --check-t steps of each shape. "pallas" runs at --pallas-chunks (default: the
+kernel's own); --pallas-variants "L:prec[:warps],..." also times (forward only: the backward is
+the same) pallas_kernels.wkv7 configs with chunk L and bf16 matmul mode prec, labelled
+"pallas:L:prec". Prints a Markdown table; writes DIR/bench_wkv7.json.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from experiments._common import machine, print_table, write_json  # noqa: E402
 from experiments.bench_wkv import timed  # noqa: E402
 from rwkv_jax.ops.wkv7 import DEFAULT_CHUNK_SIZE, available_implementations, wkv7  # noqa: E402
 
-SHAPES = "8,4096,32;1,32768,32"
+SHAPES = "8,4096,32;1,32768,32;32,1024,12"
 QUICK_SHAPES = "2,256,2;1,1024,2"
 
 
@@ -50,13 +53,26 @@ def make_inputs(key, shape, dtype):
   return tuple(x.astype(dtype) for x in xs), state
 
 
-def forward(impl, chunk_size):
+def _op(impl, chunk_size):
+  """(xs, state) -> (y, state): a registry name, or "pallas:L:prec" (a kernel config)."""
+  if impl.startswith("pallas:"):
+    from pallas_kernels.wkv7 import Config, wkv7_pallas
+    _, chunk, prec, *warps = impl.split(":")  # pallas:L:prec[:num_warps]
+    cfg = Config(chunk=int(chunk), precision_bf16=prec, num_warps=int(warps[0]) if warps else 4)
+    interpret = jax.default_backend() != "gpu"  # the interpreter off the GPU (--quick)
+    return lambda xs, state: wkv7_pallas(*xs, state, config=cfg, interpret=interpret)
   return lambda xs, state: wkv7(*xs, state, implementation=impl, chunk_size=chunk_size)
 
 
+def forward(impl, chunk_size):
+  return _op(impl, chunk_size)
+
+
 def forward_backward(impl, chunk_size):
+  op = _op(impl, chunk_size)
+
   def loss(xs, state):
-    y, s = wkv7(*xs, state, implementation=impl, chunk_size=chunk_size)
+    y, s = op(xs, state)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
   return jax.grad(loss, argnums=(0, 1))
 
@@ -94,8 +110,14 @@ def check(shape, impls, chunk_sizes, dtype, t_check: int) -> list[dict]:
   xs, state = make_inputs(jax.random.key(1), shape, dtype)
   y_ref, s_ref = jax.jit(forward("scan", None))(xs, state)
   rows = []
-  for impl, cs in ((i, c) for i in impls if i != "scan" for c in chunk_sizes):
-    y, s = jax.jit(forward(impl, cs))(xs, state)
+  for impl, cs in ((i, c) for i in impls if i != "scan" for c in chunk_sizes(i)):
+    try:
+      y, s = jax.jit(forward(impl, cs))(xs, state)
+    except Exception as e:  # e.g. a kernel config over the shared-memory limit
+      rows.append(dict(shape=list(shape), impl=impl, chunk_size=cs,
+                       error=f"{type(e).__name__}: {str(e)[:300]}"))
+      print(f"  check {shape} {impl} chunk {cs}: failed: {rows[-1]['error']}", flush=True)
+      continue
     rows.append(dict(shape=list(shape), impl=impl, chunk_size=cs, y_rel_err=rel(y, y_ref),
                      state_rel_err=rel(s, s_ref)))
     print(f"  check {shape} {impl} chunk {cs}: y {rows[-1]['y_rel_err']:.1e} "
@@ -114,6 +136,11 @@ def main(argv=None):
   p.add_argument("--chunk-sizes", default=None,
                  help="chunk sizes for chunked (and pallas), comma list (default "
                       f"{DEFAULT_CHUNK_SIZE}; 16,64 if --quick)")
+  p.add_argument("--pallas-chunks", default=None,
+                 help="chunk sizes for pallas (default: the kernel's default)")
+  p.add_argument("--pallas-variants", default="",
+                 help="extra kernel configs to time forward, L:prec,... (e.g. 16:tf32,32:bf16)")
+  p.add_argument("--scan-max-t", type=int, default=1024, help="time scan only up to this T")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--repeats", type=int, default=None, help="timed batches (7; 3 if --quick)")
   p.add_argument("--case-cap-s", type=float, default=120.0,
@@ -127,7 +154,13 @@ def main(argv=None):
   shapes = [tuple(int(x) for x in s.split(","))
             for s in (args.shapes or (QUICK_SHAPES if quick else SHAPES)).split(";") if s]
   n = args.head_size or (16 if quick else 64)
-  chunk_sizes = [int(c) for c in (args.chunk_sizes or ("16,64" if quick else str(DEFAULT_CHUNK_SIZE))).split(",")]
+  chunked_sizes = [int(c) for c in
+                   (args.chunk_sizes or ("16,64" if quick else str(DEFAULT_CHUNK_SIZE))).split(",")]
+  pallas_sizes = ([int(c) for c in args.pallas_chunks.split(",")] if args.pallas_chunks
+                  else [None])
+  variants = [f"pallas:{v}" for v in args.pallas_variants.split(",") if v]
+  chunk_sizes = lambda impl: (chunked_sizes if impl == "chunked" else
+                              pallas_sizes if impl == "pallas" else [None])
   repeats = args.repeats or (3 if quick else 7)
   dtype = jnp.dtype(args.dtype)
   modes = {"fwd": forward, "fwd+bwd": forward_backward}
@@ -138,14 +171,19 @@ def main(argv=None):
 
   if args.check:
     for b, t, h in shapes:
-      result["checks"] += check((b, t, h, n), impls, chunk_sizes, dtype, args.check_t)
+      result["checks"] += check((b, t, h, n), impls + variants, chunk_sizes, dtype,
+                                args.check_t)
     write_json(out, result)
   for b, t, h in shapes:
     shape = (b, t, h, n)
     xs, state = make_inputs(jax.random.key(0), shape, dtype)
-    for impl in impls:
-      for cs in (chunk_sizes if impl != "scan" else [None]):
+    for impl in impls + variants:
+      if impl == "scan" and t > args.scan_max_t:
+        continue
+      for cs in chunk_sizes(impl):
         for mode in args.modes.split(","):
+          if impl in variants and mode != "fwd":
+            continue
           row = dict(shape=[b, t, h, n], impl=impl, chunk_size=cs, mode=mode)
           try:
             row.update(time_case(modes[mode](impl, cs), (xs, state), repeats,
@@ -153,7 +191,7 @@ def main(argv=None):
             row["ms"] = 1e3 * row["s"]
             row["min_gb_s"] = min_bytes(shape, dtype) / row["s"] / 1e9
             row["tokens_s"] = b * t / row["s"]
-            print(f"  {str((b, t, h)):16s} {impl:8s} {str(cs):5s} {mode:8s} "
+            print(f"  {str((b, t, h)):16s} {impl:14s} {str(cs):5s} {mode:8s} "
                   f"{row['ms']:10.3f} ms  (compile {row['compile_s']:.1f} s)", flush=True)
           except Exception as e:  # e.g. out of memory: keep the other numbers
             row["error"] = f"{type(e).__name__}: {str(e)[:500]}"

@@ -179,15 +179,19 @@ def test_default_and_registry(rng, monkeypatch):
   mod = importlib.import_module("rwkv_jax.ops.wkv7")
   assert IMPLEMENTATIONS == ("scan", "chunked", "pallas")
   assert DEFAULT_CHUNK_SIZE == 32
-  for platform in ("cpu", "gpu", "tpu"):
+  for platform in ("cpu", "tpu"):
     assert default_implementation(platform) == "chunked"
+  assert default_implementation("gpu") == "pallas"  # pallas_kernels/wkv7.py
   xs, s0 = random_inputs(rng, 1, 5, 1, 4)
-  assert default_implementation() == "chunked"  # no kernel registered
-  with pytest.raises(NotImplementedError, match="'pallas' implementation is not built yet"):
-    wkv7(*xs, s0, implementation="pallas")
-  # A later registration fills the slot and becomes the default where it says.
+  assert default_implementation() == ("pallas" if jax.default_backend() == "gpu" else "chunked")
+  # "pallas" is registered (pallas_kernels/wkv7.py, tests/test_wkv7_pallas.py); an empty
+  # slot refuses to run, and a later registration fills it and becomes the default where
+  # it says.
   monkeypatch.setattr(mod, "_IMPLS", dict(mod._IMPLS))
   monkeypatch.setattr(mod, "_DEFAULT_ON", dict(mod._DEFAULT_ON))
+  del mod._IMPLS["pallas"]
+  with pytest.raises(NotImplementedError, match="'pallas' implementation is not built yet"):
+    wkv7(*xs, s0, implementation="pallas")
   calls = []
   fake = lambda *args, chunk_size=None: calls.append(chunk_size) or wkv7_scan(*args)
   register_implementation("pallas", fake, platforms=("gpu",))
