@@ -228,3 +228,17 @@ def test_bad_inputs_raise_clear_errors(rng):
     jax.jit(wkv7)(*xs, s0[..., :3])
   with pytest.raises(ValueError, match="a has shape"):
     wkv7_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0, :1], b[:, 0], s0)
+
+
+def test_default_under_a_multi_device_mesh_is_chunked():
+  """A Pallas kernel cannot be partitioned by XLA: under a multi-device mesh the GPU
+  default is chunked; without one it is the registered kernel."""
+  from jax.sharding import AbstractMesh, AxisType
+
+  from rwkv_jax.ops.wkv7 import default_implementation
+
+  alone = default_implementation("gpu")
+  assert alone in ("pallas", "chunked")
+  mesh = AbstractMesh((2,), ("data",), axis_types=(AxisType.Auto,))
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert default_implementation("gpu") == "chunked"

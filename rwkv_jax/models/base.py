@@ -29,6 +29,9 @@ import numpy as np
 from flax import nnx
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of the scanned layer body (see ``run_layers``): what the backward pass
+# keeps from the forward, per layer.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def dataclass_from_dict(cls, data: dict[str, Any]):
@@ -51,8 +54,8 @@ class FamilyConfig:
   """Mixin of every family's frozen config dataclass.
 
   Every family config has the fields ``n_layer``, ``n_embd``, ``vocab_size``, ``ctx_len``,
-  ``dtype`` (matmul compute dtype), ``wkv_impl`` (the parallel-mode WKV path) and
-  ``dropout``. ``SHAPE_FIELDS`` fix the parameter and state shapes (weights files provide
+  ``dtype`` (matmul compute dtype), ``wkv_impl`` (the parallel-mode WKV path),
+  ``dropout``, ``scan_layers`` and ``remat`` (see ``run_layers``). ``SHAPE_FIELDS`` fix the parameter and state shapes (weights files provide
   them; a user may not override them on load).
   """
 
@@ -70,6 +73,10 @@ class FamilyConfig:
     if self.wkv_impl not in self.WKV_IMPLEMENTATIONS:
       raise ValueError(
           f"{name}.wkv_impl must be one of {self.WKV_IMPLEMENTATIONS}, got {self.wkv_impl!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"{name}.scan_layers must be True or False, got {self.scan_layers!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"{name}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
   def param_count(self) -> int:
     raise NotImplementedError
@@ -107,6 +114,15 @@ class FamilyConfig:
     """N for the 6·N FLOPs-per-token rule: every parameter except the embedding table
     (a gather, not a matmul); the head is counted."""
     return self.param_count() - self.vocab_size * self.n_embd
+
+
+def _remat(policy: str):
+  """The function transformation of a ``REMAT_POLICIES`` name (identity for "none")."""
+  if policy == "none":
+    return lambda f: f
+  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+              "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return lambda f: jax.checkpoint(f, policy=policies[policy])
 
 
 def check_tokens(tokens, vocab_size: int):
@@ -194,6 +210,58 @@ class RecurrentLM(nnx.Module):
     raise NotImplementedError
 
   # ---- written once
+  def run_layers(self, x, state, call, *, first: int = 0, carry=None, dropout_key=None):
+    """Runs ``self.blocks`` over x (B, T, C): ``call(block, x, layer_state, carry, key) ->
+    (x, layer_state, carry)``, where layer_state is ``state.layer(i)`` and ``carry`` what
+    a layer hands the next (RWKV-7's ``v_first``). Returns (x, the stacked new state).
+
+    With ``cfg.scan_layers`` the blocks from ``first`` on run as one ``lax.scan`` over their
+    parameters stacked along a new leading axis (one traced layer body: compile time stops
+    growing with depth), the body rematerialised per ``cfg.remat`` ("none": keep what
+    autodiff keeps; "full": keep only each layer's input; "dots" / "dots_no_batch": keep
+    matmul outputs, as ``jax.checkpoint_policies``). Blocks before ``first`` (a layer
+    that differs, such as RWKV-7's layer 0 that sets ``v_first``) and models whose blocks
+    differ in structure (e.g. per-layer LayerNorm epsilons from an HF import) run as a
+    Python loop. Parameters stay stored per layer, so checkpoints and weight files are the
+    same either way.
+    """
+    blocks = list(self.blocks)
+    n = len(blocks)
+    keys = [None] * n
+    if dropout_key is not None and self.cfg.dropout > 0:
+      keys = list(jax.random.split(dropout_key, n))
+    remat = _remat(self.cfg.remat)
+    layers = []
+    scanned = None
+    if self.cfg.scan_layers and n - first >= 2:
+      splits = [nnx.split(b) for b in blocks[first:]]
+      graphdef = splits[0][0]
+      same = all(g == graphdef for g, _ in splits) and len(
+          {jax.tree.structure(st) for _, st in splits}) == 1
+      scanned = (graphdef, [st for _, st in splits]) if same else None
+    stop = first if scanned is not None else n
+    for i in range(stop):
+      x, s, carry = remat(call)(blocks[i], x, state.layer(i), carry, keys[i])
+      layers.append(s)
+    if scanned is None:
+      return x, type(state).stack(layers)
+    graphdef, states = scanned
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    rest = jax.tree.map(lambda a: a[first:], state)
+    rest_keys = None if keys[first] is None else jnp.stack(keys[first:])
+
+    def body(c, xs):
+      x, carry = c
+      p, s, key = xs
+      x, s, carry = call(nnx.merge(graphdef, p), x, s, carry, key)
+      return (x, carry), s
+
+    (x, _), new = jax.lax.scan(remat(body), (x, carry), (params, rest, rest_keys))
+    if not layers:
+      return x, new
+    head = type(state).stack(layers)
+    return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, new)
+
   def hidden_with_state(self, tokens, state=None, *, implementation: str | None = None,
                         dropout_key=None):
     """``forward_with_state`` without the head: (x (B, T, C) before the output norm, state).

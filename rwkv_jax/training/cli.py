@@ -101,6 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "pallas; RWKV-7: scan, chunked, pallas")
   g.add_argument("--dropout", type=float, default=d.dropout,
                  help="residual dropout on each sub-block output while training (%(default)s)")
+  g.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                 default=d.scan_layers,
+                 help="run the blocks as a Python loop instead of one lax.scan over their "
+                      "stacked parameters (the scan's compile time does not grow with depth)")
+  g.add_argument("--remat", default=d.remat, choices=["none", "full", "dots", "dots_no_batch"],
+                 help="rematerialise each scanned layer in the backward pass: none, full "
+                      "(keep only layer inputs: least memory, one more forward), dots / "
+                      "dots_no_batch (keep matmul outputs) (%(default)s)")
   g = p.add_argument_group("optimizer")
   g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (%(default)s)")
   g.add_argument("--final-lr-ratio", type=float, default=d.final_lr_ratio,

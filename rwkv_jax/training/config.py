@@ -72,6 +72,10 @@ class TrainConfig:
   dtype: str = "float32"
   wkv_impl: str | None = None
   dropout: float = 0.0
+  # Blocks as one lax.scan (compile time flat in depth) and its rematerialisation policy
+  # (rwkv_jax.models.base.RecurrentLM.run_layers). Not trajectory fields.
+  scan_layers: bool = True
+  remat: str = "none"
   lr: float = 3e-3
   final_lr_ratio: float = 0.1
   warmup: int | None = None
@@ -235,11 +239,17 @@ class TrainConfig:
       return self.family
     return split_preset(self.preset)[0] if self.preset else DEFAULT_FAMILY
 
+  def runtime_fields(self) -> dict:
+    """The model-config fields this run sets on any model, fresh, loaded or resumed: how
+    it computes, not what it is."""
+    return dict(dtype=self.dtype, wkv_impl=self.wkv_impl, scan_layers=self.scan_layers,
+                remat=self.remat)
+
   def model_config(self, vocab_size: int):
     """The family config of a fresh model: the preset (its vocabulary replaced by the
     data's) or DEFAULT_N_LAYER x DEFAULT_N_EMBD, overridden by n_layer / n_embd."""
-    overrides = dict(vocab_size=vocab_size, ctx_len=self.ctx_len, dtype=self.dtype,
-                     wkv_impl=self.wkv_impl, dropout=self.dropout)
+    overrides = dict(vocab_size=vocab_size, ctx_len=self.ctx_len, **self.runtime_fields(),
+                     dropout=self.dropout)
     if self.n_layer is not None:
       overrides["n_layer"] = self.n_layer
     if self.n_embd is not None:

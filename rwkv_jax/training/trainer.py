@@ -145,7 +145,7 @@ def _initial_model(cfg: TrainConfig, data_vocab: int | None, abstract: bool = Fa
     raise ValueError("--init-from fixes the model family and shape; drop "
                      "--family/--preset/--n-layer/--n-embd")
   loaded, loaded_cfg = load_model(cfg.init_from)
-  model_cfg = loaded_cfg.replace(ctx_len=cfg.ctx_len, dtype=cfg.dtype, wkv_impl=cfg.wkv_impl)
+  model_cfg = loaded_cfg.replace(ctx_len=cfg.ctx_len, **cfg.runtime_fields())
   model = abstract_model(model_cfg)
   nnx.update(model, nnx.state(loaded, nnx.Param))
   return model
@@ -318,7 +318,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
     if saved is not None and saved.steps != cfg.steps and cfg.schedule != "constant":
       print(f"note: --steps changed from {saved.steps} to {cfg.steps}; the {cfg.schedule} "
             f"schedule is stretched from here on, so the run is not the same as either")
-    model_cfg = model_cfg.replace(dtype=cfg.dtype, wkv_impl=cfg.wkv_impl)
+    model_cfg = model_cfg.replace(**cfg.runtime_fields())
     data = _build_data(cfg, model_cfg.vocab_size)
     model = abstract_model(model_cfg)
   elif cfg.init_from is not None:

@@ -48,6 +48,8 @@ class RWKVConfig(FamilyConfig):
   layer_norm_eps: float = 1e-5
   wkv_impl: str | None = None
   dropout: float = 0.0
+  scan_layers: bool = True
+  remat: str = "none"
 
   family: ClassVar[str] = "rwkv4"
   SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("n_layer", "n_embd", "vocab_size", "dim_ffn")

@@ -135,14 +135,10 @@ class RWKV(RecurrentLM):
 
   def blocks_forward(self, x, state: RWKVState, implementation, dropout_key=None):
     """x (B, T, C) after ln0 -> (x before ln_out, the new state); state fields (L, B, C)."""
-    keys = [None] * len(self.blocks)
-    if dropout_key is not None and self.cfg.dropout > 0:
-      keys = list(jax.random.split(dropout_key, len(self.blocks)))
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      x, s = block(x, state.layer(i), implementation, keys[i])
-      new_layers.append(s)
-    return x, RWKVState.stack(new_layers)
+    def call(block, x, s, carry, key):
+      return (*block(x, s, implementation, key), carry)
+
+    return self.run_layers(x, state, call, dropout_key=dropout_key)
 
   # Fused decode kernels (pallas_kernels/rwkv4_decode), see ``decode.py``.
   def decode_steps(self) -> tuple[str, ...]:

@@ -50,7 +50,9 @@ class TimeMix7(nnx.Module):
 
   def __init__(self, cfg: RWKV7Config, layer_id: int, *, rngs: nnx.Rngs):
     c, dt = cfg.n_embd, cfg.dtype
-    self.layer_id = layer_id
+    # Only whether this is layer 0 (which sets v_first) is structure: layers 1..L-1 are
+    # then alike and run as one scanned body (``RecurrentLM.run_layers``).
+    self.sets_v_first = layer_id == 0
     self.n_head, self.head_size, self.dtype = cfg.n_head, cfg.head_size, dt
     vecs = x070_init.time_mix_init(layer_id, cfg.n_layer, c, cfg.head_size)
     for name in _MIXES:  # act on the block input x
@@ -89,7 +91,7 @@ class TimeMix7(nnx.Module):
     # The clampw form: exp(-exp(w)) with w = -softplus(-w_raw) - 0.5 is this number.
     w_raw = self.w0[...] + self._lora(xw, "w1", "w2", jnp.tanh)
     decay = jnp.exp(-jnp.exp(-0.5) * jax.nn.sigmoid(w_raw))
-    if self.layer_id == 0:
+    if self.sets_v_first:
       v_first = v
     else:
       v = v + (v_first - v) * jax.nn.sigmoid(self.v0[...] + self._lora(xv, "v1", "v2"))
@@ -185,14 +187,9 @@ class RWKV7(RecurrentLM):
   def blocks_forward(self, x, state: RWKV7State, implementation, dropout_key=None):
     """x (B, T, C) after ln0 -> (x before ln_out, the new state). ``v_first`` (layer 0's
     value) is handed down the layers here; it is not part of the state."""
-    keys = [None] * len(self.blocks)
-    if dropout_key is not None and self.cfg.dropout > 0:
-      keys = list(jax.random.split(dropout_key, len(self.blocks)))
-    v_first, new_layers = None, []
-    for i, block in enumerate(self.blocks):
-      x, s, v_first = block(x, state.layer(i), v_first, implementation, keys[i])
-      new_layers.append(s)
-    return x, RWKV7State.stack(new_layers)
+    # Layer 0 sets v_first, the others read it: layer 0 runs on its own, the rest as a scan.
+    call = lambda block, x, s, v_first, key: block(x, s, v_first, implementation, key)
+    return self.run_layers(x, state, call, first=1, dropout_key=dropout_key)
 
   @staticmethod
   def optimizer_rules(params):

@@ -72,8 +72,14 @@ def available_implementations() -> tuple[str, ...]:
 
 def default_implementation(platform: str | None = None) -> str:
   """A registered kernel that names this platform (jax.default_backend() if None), else
-  "chunked" (CPU, TPU, and GPU until a kernel is registered)."""
+  "chunked" (CPU, TPU, GPU without a kernel, and any platform under a multi-device mesh)."""
   platform = platform or jax.default_backend()
+  from rwkv_jax.ops._per_shard import current_mesh
+
+  if current_mesh() is not None:
+    # Traced for a multi-device mesh: XLA partitions the chunked form; a Pallas call it
+    # cannot split, and would gather every input onto each device.
+    return "chunked"
   for name in IMPLEMENTATIONS:
     if name in _IMPLS and platform in _DEFAULT_ON.get(name, ()):
       return name
