@@ -65,13 +65,17 @@ def main(argv=None):
   p.add_argument("--n-embd", type=int, help="default: the preset's")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--wkv-impl", default=None, help="default: the platform's")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="the blocks as one lax.scan (default: a Python loop)")
+  p.add_argument("--remat", default="none", help="none, full, dots, dots_no_batch")
   p.add_argument("--batch-sizes", default="8,16")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup-steps", type=int, default=2)
   p.add_argument("--measured-tflops", type=float, help="measured matmul peak, for a 2nd MFU")
   p.add_argument("--json", help="write the results here")
   args = p.parse_args(argv)
-  over = dict(ctx_len=args.ctx_len, dtype=args.dtype, wkv_impl=args.wkv_impl)
+  over = dict(ctx_len=args.ctx_len, dtype=args.dtype, wkv_impl=args.wkv_impl,
+              scan_layers=args.scan_layers, remat=args.remat)
   for name in ("vocab_size", "n_layer", "n_embd"):
     if getattr(args, name):
       over[name] = getattr(args, name)
@@ -98,7 +102,8 @@ def main(argv=None):
             "peak_flops_spec": peak, "measured_tflops": args.measured_tflops,
             "steps_timed": args.steps, "rows": rows}
   print(f"{kind}: {args.preset} ({cfg.param_count():,} params, 6N = {fpt / 1e9:.2f} GFLOP/token)"
-        f", T={cfg.ctx_len}, {cfg.dtype}, wkv={cfg.wkv_impl}; peak {peak and peak / 1e12} TFLOP/s")
+        f", T={cfg.ctx_len}, {cfg.dtype}, wkv={cfg.wkv_impl}, scan_layers={cfg.scan_layers}, "
+        f"remat={cfg.remat}; peak {peak and peak / 1e12} TFLOP/s")
   print("| batch | tokens/step | step ms | tokens/s | TFLOP/s | MFU (spec) | MFU (measured) "
         "| peak GiB | compile s |")
   print("|---|---|---|---|---|---|---|---|---|")

@@ -101,10 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "pallas; RWKV-7: scan, chunked, pallas")
   g.add_argument("--dropout", type=float, default=d.dropout,
                  help="residual dropout on each sub-block output while training (%(default)s)")
-  g.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+  g.add_argument("--scan-layers", dest="scan_layers", action="store_true",
                  default=d.scan_layers,
-                 help="run the blocks as a Python loop instead of one lax.scan over their "
-                      "stacked parameters (the scan's compile time does not grow with depth)")
+                 help="run the blocks as one lax.scan over their stacked parameters instead "
+                      "of a Python loop: compile time flat in depth; with --remat full the "
+                      "least memory (RWKV-7 0.1b, B8 T1024 on an H200: 6.4 GiB vs 25.2, "
+                      "20%% slower); see experiments/RESULTS.md")
   g.add_argument("--remat", default=d.remat, choices=["none", "full", "dots", "dots_no_batch"],
                  help="rematerialise each scanned layer in the backward pass: none, full "
                       "(keep only layer inputs: least memory, one more forward), dots / "

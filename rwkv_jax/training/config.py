@@ -74,7 +74,7 @@ class TrainConfig:
   dropout: float = 0.0
   # Blocks as one lax.scan (compile time flat in depth) and its rematerialisation policy
   # (rwkv_jax.models.base.RecurrentLM.run_layers). Not trajectory fields.
-  scan_layers: bool = True
+  scan_layers: bool = False
   remat: str = "none"
   lr: float = 3e-3
   final_lr_ratio: float = 0.1

@@ -48,7 +48,7 @@ class RWKVConfig(FamilyConfig):
   layer_norm_eps: float = 1e-5
   wkv_impl: str | None = None
   dropout: float = 0.0
-  scan_layers: bool = True
+  scan_layers: bool = False
   remat: str = "none"
 
   family: ClassVar[str] = "rwkv4"
