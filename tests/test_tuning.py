@@ -215,6 +215,22 @@ def _files(folder: Path) -> dict:
           for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_bad_tuning_flags_make_no_run_folder(runs, tmp_path, capsys):
+  from rwkv_jax.cli import main
+
+  root, _, _ = runs
+  for flags, message in [(["--lora-rank", "0"], "lora_rank"),
+                         (["--lora-rank", "4", "--lora-parts", "att,emb"], "lora_parts"),
+                         (["--tune", "state", "--lora-rank", "4"], "LoRA only")]:
+    out = tmp_path / "never"
+    assert main(["train", "--init-from", str(root / "base"), "--out", str(out), *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+  assert main(["train", "--lora-rank", "4", "--out", str(tmp_path / "never")]) == 1
+  assert "needs --init-from" in capsys.readouterr().err
+  assert not (tmp_path / "never").exists()
+
+
 def test_lora_run_checkpoints_hold_adapters_and_base_fingerprint(runs):
   root, summary, _ = runs
   assert summary["final_eval"]["loss"] > 0
