@@ -26,10 +26,9 @@ from typing import Iterable
 
 import numpy as np
 
+from rwkv_jax.models import _torch_layout
 from rwkv_jax.models.rwkv7.config import LORA_FIELDS, RWKV7Config
 
-_DIRECT = {"emb": "emb.weight", "ln0.weight": "blocks.0.ln0.weight",
-           "ln0.bias": "blocks.0.ln0.bias", "head": "head.weight"}
 # (C,) vectors that x070 files store as (1, 1, C).
 _MIX = re.compile(r"\.(att\.(x_[rwkvag]|w0|a0|v0|k_k|k_a)|ffn\.x_k)$")
 # Names only x070 files carry (RWKV-4 has time_mix_*, time_decay; x060 has time_maa_*).
@@ -47,46 +46,11 @@ def layout(our_name: str) -> str:
   return "same"
 
 
-def to_blinkdl(our_name: str) -> str:
-  if our_name in _DIRECT:
-    return _DIRECT[our_name]
-  if our_name.endswith(".kernel"):
-    return our_name[: -len("kernel")] + "weight"
-  return our_name
+to_blinkdl = _torch_layout.to_blinkdl
 
 
-def to_torch_layout(our_name: str, array: np.ndarray) -> np.ndarray:
-  kind = layout(our_name)
-  if kind == "T":
-    return np.ascontiguousarray(array.T)
-  if kind == "mix":
-    return array.reshape(1, 1, -1)
-  return array
-
-
-def from_torch_layout(our_name: str, array: np.ndarray, shape: tuple[int, ...]):
-  """The torch tensor in our layout, or None when its shape does not fit ``shape``."""
-  kind = layout(our_name)
-  if kind == "T":
-    array = array.T if array.ndim == 2 else array
-  elif kind == "mix" and array.size == int(np.prod(shape)) and array.ndim in (1, 3):
-    array = array.reshape(shape)  # (1, 1, C); some converters squeeze it to (C,)
-  return array if tuple(array.shape) == tuple(shape) else None
-
-
-def expected_torch_shape(our_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  kind = layout(our_name)
-  if kind == "T":
-    return tuple(reversed(shape))
-  if kind == "mix":
-    return (1, 1, *shape)
-  return tuple(shape)
-
-
-def layer_ids(names: Iterable[str]) -> list[int]:
-  """The block indices ``blocks.<i>.`` present among the names."""
-  ids = {int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))}
-  return sorted(ids)
+to_torch_layout, from_torch_layout, expected_torch_shape = _torch_layout.bind(layout)
+layer_ids = _torch_layout.layer_ids
 
 
 def is_family(tensor_names: Iterable[str]) -> bool:
