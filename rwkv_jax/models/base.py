@@ -78,6 +78,25 @@ class FamilyConfig:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"{name}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
+  @classmethod
+  def preset_names(cls) -> tuple[str, ...]:
+    return tuple(cls.presets())
+
+  @classmethod
+  def presets(cls) -> dict[str, dict[str, Any]]:
+    """Preset name -> the config fields it sets (a family's table)."""
+    raise NotImplementedError
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any):
+    """The named preset's config, with ``overrides`` on top."""
+    table = cls.presets()
+    key = name.lower()
+    if key not in table:
+      raise ValueError(
+          f"unknown {cls.__name__} preset {name!r}; choose from {list(table)}")
+    return cls(**{**table[key], **overrides})
+
   def param_count(self) -> int:
     raise NotImplementedError
 

@@ -65,23 +65,12 @@ class RWKVConfig(FamilyConfig):
           f"RWKVConfig.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
 
   @classmethod
-  def preset(cls, name: str, **overrides: Any) -> "RWKVConfig":
-    """The paper's Table 2 sizes ("169m" ... "14b", vocab 50277) or "tiny" for tests."""
-    key = name.lower()
-    if key == "tiny":
-      base = dict(n_layer=2, n_embd=32, vocab_size=64, ctx_len=64)
-    elif key in _PAPER_SIZES:
-      n_layer, n_embd = _PAPER_SIZES[key]
-      base = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=PILE_VOCAB, ctx_len=1024)
-    else:
-      raise ValueError(
-          f"unknown RWKVConfig preset {name!r}; choose from {['tiny', *_PAPER_SIZES]}")
-    base.update(overrides)
-    return cls(**base)
-
-  @staticmethod
-  def preset_names() -> tuple[str, ...]:
-    return ("tiny", *_PAPER_SIZES)
+  def presets(cls) -> dict[str, dict[str, Any]]:
+    """The paper's Table 2 sizes ("169m" ... "14b", vocab 50277) and "tiny" for tests."""
+    table = {"tiny": dict(n_layer=2, n_embd=32, vocab_size=64, ctx_len=64)}
+    for key, (n_layer, n_embd) in _PAPER_SIZES.items():
+      table[key] = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=PILE_VOCAB, ctx_len=1024)
+    return table
 
   def param_count(self) -> int:
     """Parameters of the model: the paper's 2VD + 13D^2 L + D(11L + 4) at dim_ffn = 4D."""

@@ -131,25 +131,14 @@ class RWKV7Config(FamilyConfig):
     return self.n_embd // self.head_size
 
   @classmethod
-  def preset(cls, name: str, **overrides: Any) -> "RWKV7Config":
-    """The released sizes ("0.1b" ... "7.2b", vocab 65536, their LoRA dims) or "tiny"
+  def presets(cls) -> dict[str, dict[str, Any]]:
+    """The released sizes ("0.1b" ... "7.2b", vocab 65536, their LoRA dims) and "tiny"
     (2 layers, C 64, 4 heads of 16, vocab 64) for tests."""
-    key = name.lower()
-    if key == "tiny":
-      base = dict(_TINY)
-    elif key in _RELEASED:
-      n_layer, n_embd, dims = _RELEASED[key]
-      base = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=WORLD_VOCAB, ctx_len=4096,
-                  head_size=64, **dict(zip(LORA_FIELDS, dims)))
-    else:
-      raise ValueError(
-          f"unknown RWKV7Config preset {name!r}; choose from {list(cls.preset_names())}")
-    base.update(overrides)
-    return cls(**base)
-
-  @staticmethod
-  def preset_names() -> tuple[str, ...]:
-    return ("tiny", *_RELEASED)
+    table = {"tiny": dict(_TINY)}
+    for key, (n_layer, n_embd, dims) in _RELEASED.items():
+      table[key] = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=WORLD_VOCAB, ctx_len=4096,
+                        head_size=64, **dict(zip(LORA_FIELDS, dims)))
+    return table
 
   def param_count(self) -> int:
     """Exact parameter count (see the class docstring for the README formula's terms)."""
