@@ -20,8 +20,12 @@ vocabulary, T) and extrapolated to its full depth, ``m(L) = m(2) + (L - 2) (m(4)
 extrapolation's error. ``--full-depth`` compiles every configuration at its real depth
 (7b: ~10 min per compile on a CPU).
 
+``--remat full`` (the model's per-layer rematerialisation, ``rwkv-jax train --remat``)
+keeps only each layer's input for the backward pass.
+
 Usage:
   python experiments/finetune_memory.py --out DIR [--validate] [--sizes 0.4b,1.5b,7b]
+  python experiments/finetune_memory.py --out DIR --remat full
 Writes DIR/finetune_memory.json and prints the Markdown table.
 """
 
@@ -57,6 +61,10 @@ def parse_args(argv=None):
   p.add_argument("--full-depth", action="store_true", help="compile at the real depth")
   p.add_argument("--validate", action="store_true",
                  help="also compile the first size at full depth (extrapolation check)")
+  p.add_argument("--remat", default="none",
+                 choices=["none", "full", "dots", "dots_no_batch"],
+                 help="the model's per-layer rematerialisation policy (rwkv-jax train "
+                      "--remat; layers stay a loop) (%(default)s)")
   return p.parse_args(argv)
 
 
@@ -125,6 +133,7 @@ def main(argv=None):
   rows, checks = [], []
   results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
              "date": time.strftime("%Y-%m-%d"), "ctx": args.ctx, "batch": args.batch,
+             "remat": args.remat,
              "layers_compiled": None if args.full_depth else [la, lb], "rows": rows,
              "checks": checks}
 
@@ -134,7 +143,7 @@ def main(argv=None):
   for family in args.families.split(","):
     for i, size in enumerate(args.sizes.split(",")):
       base = models.preset(PRESETS[family][size]).replace(
-          dtype="bfloat16", wkv_impl=IMPL[family], ctx_len=args.ctx)
+          dtype="bfloat16", wkv_impl=IMPL[family], ctx_len=args.ctx, remat=args.remat)
       for mode, rank in MODES:
         t = time.perf_counter()
         if args.full_depth:
@@ -171,7 +180,8 @@ def main(argv=None):
 
 
 def table(results) -> str:
-  lines = [f"T = {results['ctx']}, batch {results['batch']}, bf16 compute; GiB per device "
+  lines = [f"T = {results['ctx']}, batch {results['batch']}, bf16 compute, remat "
+           f"{results.get('remat', 'none')}; GiB per device "
            f"(peak = step arguments + outputs - donated + temporaries)", "",
            "| family | size | parameters | LoRA r=8 | LoRA r=64 | full fine-tuning | "
            "trainable (r=8 / r=64) |", "|---|---|---|---|---|---|---|"]

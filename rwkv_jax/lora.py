@@ -140,14 +140,6 @@ def _params(model_or_params):
   return model_or_params
 
 
-def _model_class(model):
-  return type(model)
-
-
-def part_names(model) -> tuple[str, ...]:
-  return tuple(type(model).LORA_PARTS)
-
-
 def select_targets(model, parts: Sequence[str]) -> dict[tuple[str, ...], tuple[int, int]]:
   """{parameter path: (in, out)} of the matrices the parts select, in parameter order.
   ValueError for a part the model does not declare, or one that selects nothing."""

@@ -82,6 +82,30 @@ def test_merged_model_equals_adapted_model(family, rng):
 
 
 @pytest.mark.parametrize("family", ["rwkv4", "rwkv7"])
+def test_lora_and_int8_under_scanned_rematerialised_layers(family, rng):
+  """Adapters and int8 matrices stack like arrays: --scan-layers --remat full gives the
+  loop's logits and adapter gradients."""
+  cfg = _family_cfg(family).replace(n_layer=3)
+  model = _random_model(cfg)
+  scanned = models.abstract_model(cfg.replace(scan_layers=True, remat="full"))
+  nnx.update(scanned, nnx.state(model, nnx.Param))
+  spec = lora.LoraSpec(rank=2, alpha=4.0, parts=("att", "ffn"))
+  adapters = _random_adapters(model, spec)
+  tokens = _tokens(rng, cfg.vocab_size, (1, 12))
+
+  def loss(adapters, m):
+    return jax.nn.log_softmax(lora.apply_lora(m, adapters, spec)(tokens)).mean()
+
+  assert rel_err(lora.apply_lora(scanned, adapters, spec)(tokens),
+                 lora.apply_lora(model, adapters, spec)(tokens)) < 1e-5
+  want, got = jax.grad(loss)(adapters, model), jax.grad(loss)(adapters, scanned)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    assert rel_err(y, x) < 1e-4
+  assert rel_err(quantize.quantize_model(scanned)(tokens),
+                 quantize.quantize_model(model)(tokens)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["rwkv4", "rwkv7"])
 def test_parts_select_the_dense_matrices_of_att_and_ffn(family):
   cfg = _family_cfg(family)
   model = models.abstract_model(cfg)
