@@ -295,7 +295,7 @@ def generate_tokens(graphdef, params, inputs, mesh=None) -> dict:
   """Greedy tokens of the GEN prompts, and the final state gathered to the host."""
   from jax.experimental import multihost_utils
 
-  from rwkv_jax.inference.generate import generate
+  from rwkv_jax.inference.generation import generate
   from rwkv_jax.inference.sampling import SamplingConfig
 
   model = nnx.merge(graphdef, params)
@@ -312,7 +312,7 @@ def check_generate(graphdef, params, inputs) -> dict:
   """Greedy ``generate(..., mesh=)`` on two meshes against one device: 8 prompts of
   lengths 3..17 (ragged prefill: a parallel piece plus the recurrent tail), GEN_NEW
   tokens. Also records where the outputs lie."""
-  from rwkv_jax.inference.generate import generate
+  from rwkv_jax.inference.generation import generate
   from rwkv_jax.inference.sampling import SamplingConfig
 
   model = nnx.merge(graphdef, params)

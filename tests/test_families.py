@@ -136,6 +136,7 @@ def test_rwkv7_from_the_cli_train_resume_generate_convert(tmp_path, capsys):
   assert cli_main(["convert", str(out), pth]) == 0
   assert "family=rwkv7" in capsys.readouterr().out
   m_run, _ = rwkv_jax.load_model(str(out))
+  assert rwkv_jax.from_pretrained(str(out)).cfg == m_run.cfg  # a run dir loads (17.4)
   m_file = rwkv_jax.from_pretrained(pth)
   for a, b in zip(jax.tree.leaves(nnx.state(m_run, nnx.Param)),
                   jax.tree.leaves(nnx.state(m_file, nnx.Param))):
@@ -184,3 +185,27 @@ def test_blocks_that_differ_fall_back_to_the_loop():
   np.testing.assert_array_equal(outs[0], outs[1])
   with pytest.raises(ValueError, match="remat must be one of"):
     models.preset("rwkv7-tiny", remat="sometimes")
+
+
+def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path, capsys):
+  """Issue 17.14: safetensors' own SafetensorError became a one-line ValueError."""
+  path = tmp_path / "m.safetensors"
+  rwkv_jax.save_pretrained(models.build_model(models.preset("rwkv7-tiny")), str(path))
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="m.safetensors is not a readable .safetensors file"):
+    rwkv_jax.from_pretrained(str(path))
+  assert cli_main(["convert", str(path), str(tmp_path / "o.pth"), "--no-compile-cache"]) == 1
+  assert "not a readable .safetensors file" in capsys.readouterr().err
+
+
+def test_cli_help_does_not_import_jax():
+  """Issue 17.12: `rwkv-jax --help` builds every sub-command's parser without JAX."""
+  import subprocess
+  import sys
+
+  code = ("import sys, rwkv_jax, rwkv_jax.cli as c; c.build_parser().format_help(); "
+          "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)[:5]")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 0, res.stderr[-1500:]

@@ -13,7 +13,7 @@ from typing import Hashable, Iterator, Sequence
 
 import jax
 
-from rwkv_jax.inference.generate import TokenStream, as_key, generate
+from rwkv_jax.inference.generation import TokenStream, as_key, generate
 from rwkv_jax.inference.sampling import SamplingConfig
 from rwkv_jax.inference.state_io import load_state, save_state
 from rwkv_jax.state import check_state

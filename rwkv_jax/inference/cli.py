@@ -165,7 +165,7 @@ def _write(out, text: str) -> None:
 
 
 def run_generate(args, out=None) -> int:
-  from rwkv_jax.inference.generate import stream
+  from rwkv_jax.inference.generation import stream
 
   out = out or sys.stdout
   model, tokenizer, sampling, stops, state = _load(args)

@@ -14,11 +14,25 @@ PyTorch pickles are read only through ``safe_load`` (torch imported only then).
 
 from __future__ import annotations
 
+import importlib
 import os
 
-from rwkv_jax.interop.blinkdl import detect_family, load_blinkdl, save_blinkdl
-from rwkv_jax.interop.safe_load import UnsafeCheckpointError, load_tensors
-from rwkv_jax.models.rwkv4.hf import is_hf_dir, load_hf, save_hf
+# Loaders import JAX and the model code: on first use (``rwkv-jax convert --help`` loads
+# this package to register its command).
+_LAZY = {
+    "detect_family": "rwkv_jax.interop.blinkdl", "load_blinkdl": "rwkv_jax.interop.blinkdl",
+    "save_blinkdl": "rwkv_jax.interop.blinkdl",
+    "UnsafeCheckpointError": "rwkv_jax.interop.safe_load",
+    "load_tensors": "rwkv_jax.interop.safe_load",
+    "is_hf_dir": "rwkv_jax.models.rwkv4.hf", "load_hf": "rwkv_jax.models.rwkv4.hf",
+    "save_hf": "rwkv_jax.models.rwkv4.hf",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'rwkv_jax.interop' has no attribute {name!r}")
 
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -27,6 +41,7 @@ def detect_format(path: str | os.PathLike) -> str | None:
   """"run" for an rwkv-jax training directory, "hf" for an HF directory, "blinkdl" for a
   tensor file, None for anything else."""
   from rwkv_jax.checkpoint import is_run_dir
+  from rwkv_jax.models.rwkv4.hf import is_hf_dir
 
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -52,6 +67,9 @@ def from_pretrained(path: str | os.PathLike, *, hf_eval_rescale: bool = True,
     config_overrides: non-shape config fields, e.g. ``dtype="bfloat16"``,
       ``wkv_impl="scan"``, ``ctx_len=4096``.
   """
+  from rwkv_jax.interop.blinkdl import load_blinkdl
+  from rwkv_jax.models.rwkv4.hf import load_hf
+
   fmt = detect_format(path)
   if fmt == "run":
     from rwkv_jax.checkpoint import load_model
@@ -80,9 +98,11 @@ def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
   ``rescale_every`` (HF only, None = what the model encodes). ``quantize="int8"``: a
   ``*.safetensors`` file in rwkv-jax's int8 layout (``rwkv_jax.quantize``: int8 matrices +
   float32 scales; read back by ``from_pretrained``, not by BlinkDL or HF tools)."""
-  target = os.fspath(path)
   from rwkv_jax import quantize as q
+  from rwkv_jax.interop.blinkdl import save_blinkdl
+  from rwkv_jax.models.rwkv4.hf import save_hf
 
+  target = os.fspath(path)
   if quantize is not None or q.is_quantized(model):
     if quantize not in (None, *q.MODES):
       raise ValueError(f"unknown quantize={quantize!r}; supported: {q.MODES}")
@@ -102,7 +122,4 @@ def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
   return save_hf(model, target, dtype=dtype, rescale_every=rescale_every, overwrite=overwrite)
 
 
-__all__ = [
-    "UnsafeCheckpointError", "detect_family", "detect_format", "from_pretrained", "load_blinkdl", "load_hf",
-    "load_tensors", "save_blinkdl", "save_hf", "save_pretrained",
-]
+__all__ = ["detect_format", "from_pretrained", "save_pretrained", *_LAZY]

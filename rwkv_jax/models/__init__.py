@@ -15,7 +15,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rwkv_jax.models.base import FamilyConfig, RecurrentLM
+# The interface classes (``base``) import JAX: loaded on first use, so that reading a
+# config (``rwkv-jax --help``, TrainConfig) does not.
+_LAZY = {"FamilyConfig": "rwkv_jax.models.base", "RecurrentLM": "rwkv_jax.models.base"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'rwkv_jax.models' has no attribute {name!r}")
 
 # family name -> package; imported on first use.
 FAMILIES = {"rwkv4": "rwkv_jax.models.rwkv4", "rwkv7": "rwkv_jax.models.rwkv7"}
@@ -32,21 +40,23 @@ def config_class(family: str):
   return family_module(family).CONFIG
 
 
-def config_from_dict(data: dict[str, Any]) -> FamilyConfig:
+def config_from_dict(data: dict[str, Any]):
   """The config a ``to_dict()`` (or a run's config.json "model" entry) describes."""
   return config_class(data.get("family", DEFAULT_FAMILY)).from_dict(data)
 
 
-def build_model(cfg: FamilyConfig, seed: int = 0, *, rngs=None) -> RecurrentLM:
-  """The family's freshly initialised model for ``cfg``."""
+def build_model(cfg, seed: int = 0, *, rngs=None):
+  """The family's freshly initialised model for ``cfg`` (a family config)."""
   from flax import nnx
+
+  from rwkv_jax.models.base import FamilyConfig
 
   if not isinstance(cfg, FamilyConfig):
     raise ValueError(f"build_model needs a family config, got {type(cfg).__name__}")
   return family_module(cfg.family).MODEL(cfg, rngs=rngs or nnx.Rngs(seed))
 
 
-def abstract_model(cfg: FamilyConfig) -> RecurrentLM:
+def abstract_model(cfg):
   """The model's structure and shapes only (``nnx.eval_shape``: no memory, no init)."""
   from flax import nnx
 
@@ -61,7 +71,7 @@ def split_preset(name: str) -> tuple[str, str]:
   return DEFAULT_FAMILY, name.lower()
 
 
-def preset(name: str, **overrides: Any) -> FamilyConfig:
+def preset(name: str, **overrides: Any):
   family, size = split_preset(name)
   return config_class(family).preset(size, **overrides)
 

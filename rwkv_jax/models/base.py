@@ -28,19 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax._dataclasses import dataclass_from_dict
+
 _DTYPES = ("float32", "bfloat16", "float16")
 # Rematerialisation of the scanned layer body (see ``run_layers``): what the backward pass
 # keeps from the forward, per layer.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
-
-def dataclass_from_dict(cls, data: dict[str, Any]):
-  """``cls(**data)``, refusing keys that are not fields of ``cls`` by name."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(data) - known
-  if unknown:
-    raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-  return cls(**data)
 
 
 def check_positive_ints(obj, names) -> None:

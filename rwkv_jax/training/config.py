@@ -8,8 +8,9 @@ import math
 from typing import Any
 
 from rwkv_jax.models import DEFAULT_FAMILY, FAMILIES, config_class, split_preset
-from rwkv_jax.models.base import dataclass_from_dict
-from rwkv_jax.training.optim import SCHEDULES
+from rwkv_jax._dataclasses import dataclass_from_dict
+
+SCHEDULES = ("cosine", "exponential", "constant")
 
 # The default model when neither --preset nor --n-layer/--n-embd is given: small enough
 # that the no-argument run (synthetic task) finishes in a few CPU minutes.

@@ -8,7 +8,8 @@ import math
 import jax
 import optax
 
-SCHEDULES = ("cosine", "exponential", "constant")
+from rwkv_jax.training.config import SCHEDULES
+
 
 
 def lr_schedule(lr: float, steps: int, warmup: int, schedule: str,
