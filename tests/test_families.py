@@ -121,7 +121,7 @@ def test_rwkv7_from_the_cli_train_resume_generate_convert(tmp_path, capsys):
   out = tmp_path / "run"
   common = ["train", "--data", str(text), "--preset", "rwkv7-tiny", "--n-layer", "1",
             "--batch-size", "2", "--ctx-len", "16", "--eval-size", "4", "--warmup", "1",
-            "--wkv-impl", "chunked", "--no-progress", "--out", str(out)]
+            "--wkv-impl", "scan", "--no-progress", "--out", str(out)]
   assert cli_main(common + ["--steps", "2", "--save-every", "1"]) == 0
   saved = json.loads((out / "config.json").read_text())
   assert saved["model"]["family"] == "rwkv7"
