@@ -146,11 +146,14 @@ def test_rwkv7_from_the_cli_train_resume_generate_convert(tmp_path, capsys):
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_scanned_layers_equal_the_layer_loop(family, rng):
   """run_layers: one lax.scan over stacked block parameters (any remat policy) computes
-  what the Python loop does: logits, state and parameter gradients within 1e-5 (float32;
-  measured ~3e-6: XLA fuses the scanned body's sums in another order)."""
+  what the Python loop does. Logits and state within 1e-5 (float32; measured ~1e-6).
+  Gradients within 1e-5, or within 10x of how far the loop's own gradient moves between
+  an eager and a jitted run (XLA's other summation order): some mix-vector gradients of a
+  random tiny model are sums that nearly cancel (1e-7 relative noise in the parameters
+  moves them by 4e-4), and no reordering can be held tighter than that."""
   ids = jnp.asarray(rng.integers(0, 64, (2, 9)), jnp.int32)
 
-  def run(scan_layers, remat):
+  def run(scan_layers, remat, jit=True):
     cfg = models.preset(TINY[family], n_layer=4, scan_layers=scan_layers, remat=remat,
                         wkv_impl="scan")
     model = perturb_params(models.build_model(cfg, seed=5), 6, 0.2)
@@ -161,15 +164,18 @@ def test_scanned_layers_equal_the_layer_loop(family, rng):
       return (logits ** 2).mean() + sum((x ** 2).mean() for x in jax.tree.leaves(state))
 
     out = nnx.merge(graphdef, params).forward_with_state(ids)
-    return out, jax.grad(loss)(params)
+    grad = jax.jit(jax.grad(loss)) if jit else jax.grad(loss)
+    return out, jax.tree.leaves(grad(params))
 
   want, want_g = run(False, "none")
+  _, eager_g = run(False, "none", jit=False)
+  tol = [1e-5 + 10 * rel_err(a, b) for a, b in zip(eager_g, want_g)]
   for remat in ("none", "full", "dots"):
     got, got_g = run(True, remat)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert rel_err(a, b) <= 1e-5
-    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
-      assert rel_err(a, b) <= 1e-5
+    for a, b, t in zip(got_g, want_g, tol):
+      assert rel_err(a, b) <= t
 
 
 def test_blocks_that_differ_fall_back_to_the_loop():
