@@ -101,13 +101,7 @@ def _load_training_dir(path: Path, step: int | None, overrides: dict):
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   ckpt = Checkpointer(path, create=False)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{path} holds no checkpoints (under {ckpt.directory})")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ValueError(f"{path} has no checkpoint of step {step}; it has {steps}")
+    step = ckpt.pick_step(step, path)
     # Onto one device, whatever mesh the run was trained on (orbax reshards).
     from rwkv_jax.sharding import abstract_on_device
 

@@ -116,13 +116,7 @@ def read_tuned_run(run_dir, step: int | None = None) -> TunedRun:
     raise ValueError(f"{run_dir} is a full-training run, not a LoRA or state-tuning run")
   ckpt = Checkpointer(run_dir, create=False)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{run_dir} holds no checkpoints (under {ckpt.directory})")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ValueError(f"{run_dir} has no checkpoint of step {step}; it has {steps}")
+    step = ckpt.pick_step(step, run_dir)
     meta = ckpt.read_meta(step)
   finally:
     ckpt.close()

@@ -72,6 +72,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def pick_step(self, step: int | None, source) -> int:
+    """``step`` if it was saved (None: the latest); FileNotFoundError / ValueError naming
+    ``source`` otherwise."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{source} holds no checkpoints (under {self.directory})")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise ValueError(f"{source} has no checkpoint of step {step}; it has {steps}")
+    return step
+
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
     """Saves the state (a TrainState) as optimizer step ``step``; blocks until written."""
     items = self.items_of(state)
@@ -80,6 +92,19 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
                        force=True)
     self._manager.wait_until_finished()
+
+  def restore_train_state(self, step: int, template, data_fingerprint: str, out):
+    """The ``TrainState`` saved at ``step``, restored onto ``template``'s shardings, and its
+    meta; ValueError (naming ``out``) when the data changed since that checkpoint."""
+    from rwkv_jax.training.step import TrainState
+
+    restored, meta = self.restore(step, self.items_of(template))
+    if meta.get("data_fingerprint") != data_fingerprint:
+      raise ValueError(f"cannot resume {out}: the data changed since the checkpoint "
+                       f"(fingerprint {meta.get('data_fingerprint')} -> {data_fingerprint})")
+    state = TrainState(restored["params"], restored["opt_state"],
+                       restored["train"]["step"], restored["train"]["rng"])
+    return state, meta
 
   def restore(self, step: int, trees: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Restores the items named in ``trees`` (item -> a tree of arrays or

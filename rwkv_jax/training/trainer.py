@@ -344,12 +344,7 @@ def _run(cfg: TrainConfig, out: Path, ckpt: Checkpointer) -> dict[str, Any]:
     template = (sharding.abstract_on_device(template) if mesh is None else
                 sharding.abstract_tree(
                     template, sharding.state_shardings(template, mesh, template.params)))
-    restored, meta = ckpt.restore(latest, Checkpointer.items_of(template))
-    state = TrainState(restored["params"], restored["opt_state"],
-                       restored["train"]["step"], restored["train"]["rng"])
-    if meta.get("data_fingerprint") != data.fingerprint:
-      raise ValueError(f"cannot resume {out}: the data changed since the checkpoint "
-                       f"(fingerprint {meta.get('data_fingerprint')} -> {data.fingerprint})")
+    state, _ = ckpt.restore_train_state(latest, template, data.fingerprint, out)
     start = latest
   elif mesh is not None and cfg.init_from is None:
     # Fresh run on a mesh: parameters and optimizer state are created already sharded.

@@ -15,8 +15,6 @@ another base is an error before anything is written.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -196,7 +194,6 @@ def run(cfg, out, ckpt, mesh, model, data, latest: int | None, wall0: float, loo
   the checkpoint step) loads the base again from the run's ``init_from`` and checks its
   fingerprint. Then the trainer's own loop (``loop``) runs with this tuner's steps."""
   from rwkv_jax.checkpoint import write_run_config
-  from rwkv_jax.training.checkpointing import Checkpointer
   from rwkv_jax.training.optim import make_optimizer
   from rwkv_jax.training.trainer import _initial_model
 
@@ -222,12 +219,7 @@ def run(cfg, out, ckpt, mesh, model, data, latest: int | None, wall0: float, loo
     template = jax.eval_shape(init, tuner.abstract_trainable())
     template = (sharding.abstract_on_device(template) if mesh is None else
                 sharding.abstract_tree(template, tuner.state_shardings(template, mesh)))
-    restored, meta = ckpt.restore(latest, Checkpointer.items_of(template))
-    state = TrainState(restored["params"], restored["opt_state"],
-                       restored["train"]["step"], restored["train"]["rng"])
-    if meta.get("data_fingerprint") != data.fingerprint:
-      raise ValueError(f"cannot resume {out}: the data changed since the checkpoint "
-                       f"(fingerprint {meta.get('data_fingerprint')} -> {data.fingerprint})")
+    state, _ = ckpt.restore_train_state(latest, template, data.fingerprint, out)
     start = latest
   else:
     state = init(tuner.init_trainable(cfg.seed))
